@@ -1,0 +1,3 @@
+from farcluss.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""`farcluss` command line. User errors print one line and exit 2; `--debug` shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from farcluss.errors import FarclussError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_config_args(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
+    if config_required:
+        parser.add_argument("config", help="YAML config file")
+    else:
+        parser.add_argument("config", nargs="?", default=None, help="YAML config file (optional)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.lr=0.01 (repeatable)")
+
+
+def _load(args: argparse.Namespace):
+    from farcluss.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _default_out(cfg, config_path: Optional[str]) -> Path:
+    stem = Path(config_path).stem if config_path else "run"
+    return Path("runs") / f"{stem}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ---- train / eval ---------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from farcluss.engine.distributed import cleanup, env_from_environment, init_distributed
+    from farcluss.engine.trainer import Trainer, resolve_device
+
+    cfg = _load(args)
+    env = env_from_environment()
+    out = Path(args.out) if args.out else _default_out(cfg, args.config)
+    init_distributed(env, resolve_device(cfg.train.device, env))
+    try:
+        trainer = Trainer(cfg, out, env=env, resume=True if args.resume else (False if args.no_resume else None))
+        summary = trainer.fit()
+    finally:
+        cleanup()
+    if env.is_main:
+        final = summary["final"]
+        for name, metrics in final.items():
+            print(f"{name}: mIoU {metrics['miou']:.2f}  pixel accuracy {metrics['pixel_accuracy']:.2f}")
+        print(f"best mIoU {summary['best_miou']:.2f} at iteration {summary['best_iteration']}; run folder {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from farcluss.inference import evaluate_checkpoint
+
+    cfg = _load(args)
+    metrics = evaluate_checkpoint(cfg, args.checkpoint, model_name=args.model, progress=not args.json)
+    if args.json:
+        print(json.dumps({"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
+                          "pixel_accuracy": metrics["pixel_accuracy"],
+                          "class_names": metrics.get("class_names")}))
+        return 0
+    print(f"mIoU {metrics['miou']:.2f}   pixel accuracy {metrics['pixel_accuracy']:.2f}")
+    names = metrics.get("class_names") or [str(i) for i in range(len(metrics["per_class_iou"]))]
+    width = max(len(n) for n in names)
+    for name, iou in zip(names, metrics["per_class_iou"]):
+        print(f"  {name:<{width}}  {'  n/a' if iou is None else f'{iou:6.2f}'}")
+    return 0
+
+
+# ---- data tools ------------------------------------------------------------------------------------
+def _count_or_ratio(text: str):
+    value = float(text)
+    if value >= 1:
+        if value != int(value):
+            raise argparse.ArgumentTypeError(f"{text}: a count must be a whole number")
+        return int(value)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive count or a ratio in (0, 1)")
+    return value
+
+
+def cmd_splits(args: argparse.Namespace) -> int:
+    from farcluss.data.splits import make_splits
+
+    written = make_splits(args.out, source_list=args.list, folder=args.folder, root=args.root,
+                          labeled=args.labeled, seed=args.seed, val=args.val)
+    for name, path in written.items():
+        n = sum(1 for line in Path(path).read_text().splitlines() if line.strip())
+        print(f"{name}: {n} samples → {path}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from farcluss.data.build import build_data
+    from farcluss.data.check import check_samples
+
+    cfg = _load(args)
+    data = build_data(cfg)
+    n_classes = len(data.classes)
+    problems: List[str] = []
+    for name, samples, require_mask in (("labeled", data.labeled, True),
+                                        ("unlabeled", data.unlabeled, False),
+                                        ("val", data.val, True)):
+        found = check_samples(samples, n_classes, cfg.data.ignore_index, require_mask=require_mask)
+        print(f"{name}: {len(samples)} samples, {len(found)} problem(s)")
+        problems.extend(found)
+    for line in problems:
+        print(f"  {line}")
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print("no problems found")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "make-benchmark":
+        from farcluss.data.benchmark import make_benchmark
+
+        kwargs = {}
+        if args.num_train is not None:
+            kwargs["num_train"] = args.num_train
+        if args.num_val is not None:
+            kwargs["num_val"] = args.num_val
+        path = make_benchmark(args.out, seed=args.seed, **kwargs)
+        print(f"benchmark dataset ready in {path}")
+        return 0
+    if args.data_command == "cityscapes":
+        from farcluss.data.cityscapes import convert_cityscapes
+
+        n = convert_cityscapes(args.root)
+        print(f"wrote {n} *_labelTrainIds.png files under {args.root}")
+        return 0
+    raise FarclussError("farcluss data needs a subcommand: make-benchmark or cityscapes")
+
+
+# ---- parser ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from farcluss import __version__
+
+    parser = argparse.ArgumentParser(prog="farcluss", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"farcluss {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (one process, or one per rank under torchrun)")
+    _add_config_args(p)
+    p.add_argument("--out", help="run folder (default runs/<config>-<method>-<time>)")
+    p.add_argument("--resume", action="store_true", help="resume from OUT/checkpoints/last.pt (required)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if last.pt exists")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the validation list")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--model", choices=["teacher", "student"], default=None,
+                   help="which model of the checkpoint (default eval.model)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("splits", help="write labeled/unlabeled(/val) split lists")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--list", help="a split list to divide (paths relative to --root)")
+    src.add_argument("--folder", help="a folder with images/ and masks/")
+    p.add_argument("--root", help="dataset root the paths are relative to (default: the folder)")
+    p.add_argument("--labeled", type=_count_or_ratio, required=True, help="count (≥1) or ratio (<1)")
+    p.add_argument("--val", type=_count_or_ratio, default=None, help="count or ratio held out for val")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for labeled.txt, unlabeled.txt, val.txt")
+    p.set_defaults(func=cmd_splits)
+
+    p = sub.add_parser("check", help="scan every image and mask of a config's splits")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", metavar="TOOL")
+    q = data_sub.add_parser("make-benchmark", help="write the built-in long-tailed benchmark")
+    q.add_argument("out")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--num-train", type=int, default=None)
+    q.add_argument("--num-val", type=int, default=None)
+    q = data_sub.add_parser("cityscapes", help="convert *_labelIds.png to *_labelTrainIds.png")
+    q.add_argument("root", help="Cityscapes root (holding gtFine/)")
+    p.set_defaults(func=cmd_data)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+#: other modules add their subcommands here (demo, bench, predict, export, report)
+_EXTRA_COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def _register_extras() -> None:
+    import importlib
+
+    for module in ("farcluss.demo", "farcluss.bench", "farcluss.predict", "farcluss.export",
+                   "farcluss.report"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        _EXTRA_COMMANDS.append(mod.register_command)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    _register_extras()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return int(args.func(args) or 0)
+    except FarclussError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,465 @@
+"""Typed configuration: a YAML file plus ``--set key=value`` overrides, validated once at load.
+
+Every number a user may want to change lives here. The schema is a tree of dataclasses; field
+annotations drive validation, so an unknown key or a wrong type is a one-line `ConfigError`
+naming the dotted key. The module knows nothing of torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Literal, Optional, Tuple, Union
+
+import yaml
+
+from farcluss.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how a weak view is made."""
+
+    preset: Literal["folder", "voc", "voc_blended", "cityscapes"] = "folder"
+    root: str = ""
+    #: a file with one class name per line, or the list itself; empty → preset / root/classes.txt
+    classes: Union[str, List[str], None] = None
+    #: must match the class list when both are given
+    num_classes: Optional[int] = None
+    labeled: str = "splits/labeled.txt"
+    unlabeled: str = "splits/unlabeled.txt"
+    val: str = "splits/val.txt"
+    crop_size: int = 321
+    scale_range: Tuple[float, float] = (0.5, 2.0)
+    flip_prob: float = 0.5
+    ignore_index: int = 255
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    output_stride: Literal[8, 16] = 16
+    deep_stem: bool = False
+    #: channels of the first ResNet stage; 64 is the standard network, smaller makes tiny models
+    base_width: int = 64
+    #: width of the deep stem's convs; None → base_width (UniMatch's ResNet-v1c files use 128)
+    stem_width: Optional[int] = None
+    #: registry name, local file or URL of ImageNet backbone weights; None = random init
+    pretrained: Optional[str] = None
+    pretrained_sha256: Optional[str] = None
+
+
+@dataclass
+class MethodConfig:
+    """The semi-supervised method and every FARCLUSS reading (METHOD.md §0–§6)."""
+
+    name: Literal["supervised", "fixmatch", "farcluss"] = "farcluss"
+    ema_momentum: float = 0.999
+    lambda_u: float = 1.0
+    #: supervised-only iterations before the unlabeled loss starts; the teacher restarts then
+    warmup_iterations: int = 0
+    #: fraction of all iterations over which r(t) ramps linearly from 0 to 1 after warm-up
+    ramp: float = 0.05
+    #: confidence threshold on the teacher; None → 0.95 for fixmatch, 0 (off) for farcluss
+    threshold: Optional[float] = None
+    top_k: int = 3
+    temperature: float = 1.0
+    weighting: Literal["none", "entropy", "exp", "power"] = "entropy"
+    weighting_beta: float = 1.0
+    weighting_gamma: float = 1.0
+    rebalance: Literal["off", "batch", "ema"] = "batch"
+    rebalance_alpha: float = 1.0
+    rebalance_clip: Tuple[float, float] = (0.1, 10.0)
+    rebalance_momentum: float = 0.99
+    #: "pixel": w_{argmax q} multiplies the pixel loss (METHOD.md default); "inside": −Σ_c w_c q_c log p_c
+    rebalance_apply: Literal["pixel", "inside"] = "pixel"
+    contrastive: Literal["off", "prototype"] = "prototype"
+    lambda_c: float = 0.1
+    contrastive_temperature: float = 0.1
+    max_pixels_per_class: int = 256
+    projection_dim: int = 128
+    prototype_momentum: float = 0.99
+    #: unlabeled pixels join the contrastive loss when their pixel weight exceeds this
+    contrastive_weight_threshold: float = 0.5
+
+
+@dataclass
+class AugmentConfig:
+    """Strong view of an unlabeled crop (METHOD.md §0); it must not change what an object is."""
+
+    brightness: float = 0.5
+    contrast: float = 0.5
+    saturation: float = 0.5
+    hue: float = 0.25
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    cutmix_prob: float = 0.5
+    cutmix_area: Tuple[float, float] = (0.02, 0.4)
+    cutmix_aspect: Tuple[float, float] = (0.3, 3.3)
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 1000
+    #: labeled images per process per iteration
+    batch_size: int = 8
+    #: unlabeled images per process per iteration; None → batch_size
+    unlabeled_batch_size: Optional[int] = None
+    lr: float = 0.001
+    head_lr_multiplier: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    loss: Literal["ce", "ohem"] = "ce"
+    ohem_threshold: float = 0.7
+    ohem_min_kept: int = 200000
+    seed: int = 0
+    eval_interval: int = 500
+    log_interval: int = 20
+    checkpoint_interval: int = 500
+    device: str = "auto"
+    num_workers: int = 2
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    sync_bn: bool = True
+    deterministic: bool = False
+    nan_policy: Literal["stop", "skip"] = "stop"
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    mode: Literal["whole", "center_crop", "sliding"] = "whole"
+    #: window of sliding / centre-crop evaluation; None → data.crop_size
+    crop_size: Optional[int] = None
+    stride_ratio: float = 2.0 / 3.0
+    #: which model `farcluss eval` and `predict` use when the checkpoint has both
+    model: Literal["teacher", "student"] = "teacher"
+    #: None: every validation image; N: the first N (quick looks during training)
+    max_images: Optional[int] = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def num_classes_hint(self) -> Optional[int]:
+        """Class count known from config alone (a list or num_classes); None when a file decides."""
+        if self.data.num_classes is not None:
+            return self.data.num_classes
+        if isinstance(self.data.classes, list):
+            return len(self.data.classes)
+        return None
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (tuple, Tuple):
+        args = typing.get_args(tp)
+        return f"list of {len(args)} {_type_name(args[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp` or raise `_Mismatch`; ints widen to floats, nothing else."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin is Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        for option in typing.get_args(tp):
+            if value == option and type(value) is type(option):
+                return value
+        raise _Mismatch
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item) for v in value]
+    if origin in (tuple, Tuple):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise _Mismatch
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"unsupported config annotation {tp!r}")
+
+
+def _closest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def all_keys() -> list[str]:
+    """Every dotted key of the schema, e.g. ``train.lr``."""
+    keys = []
+    for section, cls in typing.get_type_hints(Config).items():
+        for name in typing.get_type_hints(cls):
+            keys.append(f"{section}.{name}")
+    return keys
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    section_hints = typing.get_type_hints(Config)
+    if len(parts) != 2 or parts[0] not in section_hints:
+        raise ConfigError(f"unknown config key '{key}'{_closest(key, all_keys())}")
+    section, name = parts
+    hints = typing.get_type_hints(section_hints[section])
+    if name not in hints:
+        raise ConfigError(f"unknown config key '{key}'{_closest(key, all_keys())}")
+    try:
+        coerced = _coerce(value, hints[name])
+    except _Mismatch:
+        raise ConfigError(
+            f"config key '{key}' must be {_type_name(hints[name])}, got {value!r}"
+        ) from None
+    setattr(getattr(cfg, section), name, coerced)
+
+
+def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping")
+    items = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if not prefix and isinstance(value, dict):
+            items.extend(_flatten(value, dotted + "."))
+        elif not prefix:
+            raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, all_keys())}")
+        else:
+            items.append((dotted, value))
+    return items
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` → (key, YAML-parsed value); ``data.classes=[a,b]`` gives a list."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    path: Union[str, Path, None] = None,
+    overrides: Optional[list[str]] = None,
+    base: Optional[dict] = None,
+) -> Config:
+    """Build a validated `Config` from defaults, an optional base dict, a YAML file and overrides.
+
+    A YAML file may name ``_base_: other.yaml`` (relative to itself) to inherit from it.
+    """
+    cfg = Config()
+    layers: list[dict] = []
+    if base:
+        layers.append(base)
+    if path is not None:
+        layers.extend(_read_yaml_chain(Path(path)))
+    for layer in layers:
+        for key, value in _flatten(layer):
+            _apply(cfg, key, value)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _apply(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml_chain(path: Path, seen: Optional[set] = None) -> list[dict]:
+    seen = seen or set()
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} includes itself through _base_")
+    seen.add(path.resolve())
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config {path}{where} is not valid YAML") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections")
+    base_name = tree.pop("_base_", None)
+    layers = []
+    if base_name is not None:
+        layers.extend(_read_yaml_chain(path.parent / str(base_name), seen))
+    layers.append(tree)
+    return layers
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a config saved in a run folder or checkpoint (validated again)."""
+    return load_config(base=tree)
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    d, m, a, t, e = cfg.data, cfg.model, cfg.method, cfg.train, cfg.eval
+    _require(d.crop_size > 0, "data.crop_size", "must be positive")
+    _require(0 < d.scale_range[0] <= d.scale_range[1], "data.scale_range", "must be 0 < low <= high")
+    _require(0 <= d.flip_prob <= 1, "data.flip_prob", "must be in [0, 1]")
+    _require(0 <= d.ignore_index <= 255, "data.ignore_index", "must be in [0, 255]")
+    _require(all(s > 0 for s in d.std), "data.std", "must be positive")
+    if d.num_classes is not None:
+        _require(d.num_classes >= 2, "data.num_classes", "must be at least 2")
+        _require(d.num_classes <= d.ignore_index or d.ignore_index < 0, "data.num_classes",
+                 f"must not reach the ignore label {d.ignore_index}")
+    if isinstance(d.classes, list):
+        _require(len(d.classes) >= 2, "data.classes", "must list at least 2 classes")
+        if d.num_classes is not None:
+            _require(len(d.classes) == d.num_classes, "data.classes",
+                     f"lists {len(d.classes)} classes but data.num_classes is {d.num_classes}")
+    _require(m.base_width >= 4, "model.base_width", "must be at least 4")
+    _require(0 <= a.ema_momentum <= 1, "method.ema_momentum", "must be in [0, 1]")
+    _require(a.lambda_u >= 0, "method.lambda_u", "must be >= 0")
+    _require(a.warmup_iterations >= 0, "method.warmup_iterations", "must be >= 0")
+    _require(0 <= a.ramp <= 1, "method.ramp", "must be in [0, 1]")
+    if a.threshold is not None:
+        _require(0 <= a.threshold < 1, "method.threshold", "must be in [0, 1)")
+    _require(a.top_k >= 1, "method.top_k", "must be >= 1")
+    n_classes = cfg.num_classes_hint()
+    if n_classes is not None:
+        _require(a.top_k <= n_classes, "method.top_k",
+                 f"is {a.top_k} but there are only {n_classes} classes")
+    _require(a.temperature > 0, "method.temperature", "must be > 0")
+    _require(a.weighting_beta > 0, "method.weighting_beta", "must be > 0")
+    _require(a.weighting_gamma > 0, "method.weighting_gamma", "must be > 0")
+    _require(a.rebalance_alpha >= 0, "method.rebalance_alpha", "must be >= 0")
+    _require(0 < a.rebalance_clip[0] <= 1 <= a.rebalance_clip[1], "method.rebalance_clip",
+             "must be [low, high] with 0 < low <= 1 <= high")
+    _require(0 <= a.rebalance_momentum < 1, "method.rebalance_momentum", "must be in [0, 1)")
+    _require(a.lambda_c >= 0, "method.lambda_c", "must be >= 0")
+    _require(a.contrastive_temperature > 0, "method.contrastive_temperature", "must be > 0")
+    _require(a.max_pixels_per_class >= 1, "method.max_pixels_per_class", "must be >= 1")
+    _require(a.projection_dim >= 1, "method.projection_dim", "must be >= 1")
+    _require(0 <= a.prototype_momentum < 1, "method.prototype_momentum", "must be in [0, 1)")
+    for name in ("brightness", "contrast", "saturation"):
+        _require(getattr(cfg.augment, name) >= 0, f"augment.{name}", "must be >= 0")
+    _require(0 <= cfg.augment.hue <= 0.5, "augment.hue", "must be in [0, 0.5]")
+    for name in ("jitter_prob", "grayscale_prob", "blur_prob", "cutmix_prob"):
+        _require(0 <= getattr(cfg.augment, name) <= 1, f"augment.{name}", "must be in [0, 1]")
+    lo, hi = cfg.augment.blur_sigma
+    _require(0 < lo <= hi, "augment.blur_sigma", "must be 0 < low <= high")
+    lo, hi = cfg.augment.cutmix_area
+    _require(0 < lo <= hi < 1, "augment.cutmix_area", "must be 0 < low <= high < 1")
+    lo, hi = cfg.augment.cutmix_aspect
+    _require(0 < lo <= hi, "augment.cutmix_aspect", "must be 0 < low <= high")
+    _require(t.iterations > 0, "train.iterations", "must be positive")
+    _require(t.batch_size > 0, "train.batch_size", "must be positive")
+    if t.unlabeled_batch_size is not None:
+        _require(t.unlabeled_batch_size > 0, "train.unlabeled_batch_size", "must be positive")
+    _require(t.seed >= 0, "train.seed", "must be >= 0")
+    _require(t.lr > 0, "train.lr", "must be positive")
+    _require(t.head_lr_multiplier > 0, "train.head_lr_multiplier", "must be positive")
+    _require(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(0 < t.ohem_threshold <= 1, "train.ohem_threshold", "must be in (0, 1]")
+    _require(t.ohem_min_kept >= 0, "train.ohem_min_kept", "must be >= 0")
+    _require(t.eval_interval > 0, "train.eval_interval", "must be positive")
+    _require(t.log_interval > 0, "train.log_interval", "must be positive")
+    _require(t.checkpoint_interval > 0, "train.checkpoint_interval", "must be positive")
+    _require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
+    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+             "train.device", "must be auto, cpu, cuda or cuda:N")
+    if e.crop_size is not None:
+        _require(e.crop_size > 0, "eval.crop_size", "must be positive")
+    _require(0 < e.stride_ratio <= 1, "eval.stride_ratio", "must be in (0, 1]")
+    if e.max_images is not None:
+        _require(e.max_images > 0, "eval.max_images", "must be positive")
+
+
+def resolved_threshold(cfg: Config) -> float:
+    """The confidence threshold in force: explicit, else 0.95 for fixmatch and 0 otherwise."""
+    if cfg.method.threshold is not None:
+        return cfg.method.threshold
+    return 0.95 if cfg.method.name == "fixmatch" else 0.0
+
+
+def dump_config(cfg: Config, path: Union[str, Path]) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe_schema() -> str:
+    """Markdown reference of every key, its type and default (docs/configuration.md)."""
+    lines = ["| key | type | default |", "|---|---|---|"]
+    defaults = Config().to_dict()
+    for section, cls in typing.get_type_hints(Config).items():
+        for name, tp in typing.get_type_hints(cls).items():
+            default = defaults[section][name]
+            type_text = _type_name(tp).replace("|", "\\|")
+            lines.append(f"| `{section}.{name}` | {type_text} | `{default!r}` |")
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""From a validated config to the class list, the three sample lists and the evaluation loader."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from torch.utils.data import DataLoader
+
+from farcluss.config import Config
+from farcluss.data.datasets import SegmentationDataset, read_classes, resolve_preset
+from farcluss.data.sampler import EvalSampler
+from farcluss.data.splits import Sample, duplicates_between, read_split
+from farcluss.data.transforms import EvalTransform
+from farcluss.errors import ConfigError
+
+
+@dataclass
+class DataBundle:
+    root: Path
+    classes: List[str]
+    labeled: List[Sample]
+    unlabeled: List[Sample]
+    val: List[Sample]
+
+
+BUILTIN_BENCHMARK = "builtin:benchmark"
+
+
+def dataset_root(cfg: Config) -> Path:
+    """`data.root`, where ``builtin:benchmark`` names the built-in dataset (made on first use)."""
+    if not cfg.data.root:
+        raise ConfigError("config key 'data.root' is empty: set it to the dataset folder")
+    if cfg.data.root == BUILTIN_BENCHMARK:
+        from farcluss.data.benchmark import benchmark_is_complete, default_benchmark_dir, make_benchmark
+
+        path = default_benchmark_dir()
+        if not benchmark_is_complete(path):
+            print(f"making the built-in benchmark dataset in {path} (once)")
+            make_benchmark(path)
+        return path
+    return Path(cfg.data.root).expanduser()
+
+
+def _split_path(root: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def resolve_classes(cfg: Config) -> List[str]:
+    d = cfg.data
+    root = dataset_root(cfg)
+    if isinstance(d.classes, list):
+        return read_classes(d.classes, d.num_classes)
+    if isinstance(d.classes, str) and d.classes:
+        return read_classes(_split_path(root, d.classes), d.num_classes)
+    if d.preset == "folder":
+        return read_classes(root / "classes.txt", d.num_classes)
+    return read_classes(list(resolve_preset(d.preset, root).classes), d.num_classes)
+
+
+def build_data(cfg: Config, need_unlabeled: Optional[bool] = None, need_train: bool = True) -> DataBundle:
+    """Read classes and split lists (files are checked lazily, when a sample is loaded)."""
+    d = cfg.data
+    classes = resolve_classes(cfg)
+    root = dataset_root(cfg)
+    if need_unlabeled is None:
+        need_unlabeled = cfg.method.name != "supervised"
+    labeled = read_split(_split_path(root, d.labeled), root, require_mask=True) if need_train else []
+    unlabeled = (read_split(_split_path(root, d.unlabeled), root, require_mask=False)
+                 if need_train and need_unlabeled else [])
+    val = read_split(_split_path(root, d.val), root, require_mask=True)
+    if labeled and unlabeled:
+        duplicated = duplicates_between(labeled, unlabeled)
+        if duplicated:
+            warnings.warn(f"{len(duplicated)} image(s) are in both {d.labeled} and {d.unlabeled}, "
+                          f"e.g. {duplicated[0]}", stacklevel=2)
+    return DataBundle(root, classes, labeled, unlabeled, val)
+
+
+def val_dataset(cfg: Config, data: DataBundle, num_classes: int) -> SegmentationDataset:
+    d = cfg.data
+    samples = data.val
+    if cfg.eval.max_images is not None:
+        samples = samples[: cfg.eval.max_images]
+    return SegmentationDataset(samples, num_classes, d.ignore_index,
+                               EvalTransform(mean=d.mean, std=d.std), mode="val")
+
+
+def eval_loader(cfg: Config, data: DataBundle, num_classes: int, env) -> DataLoader:
+    dataset = val_dataset(cfg, data, num_classes)
+    sampler = EvalSampler(len(dataset), rank=env.rank, world_size=env.world_size)
+    workers = min(cfg.train.num_workers, 2)
+    return DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers)

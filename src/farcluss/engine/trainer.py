@@ -1,0 +1,413 @@
+"""The one training loop. Which method runs is the method object's business; the loop owns
+devices, AMP, DDP, the EMA teacher, the schedule, evaluation, checkpoints and logging."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import farcluss
+from farcluss.config import Config, dump_config
+from farcluss.data.build import DataBundle, build_data, eval_loader
+from farcluss.data.datasets import SegmentationDataset
+from farcluss.data.sampler import InfiniteSampler
+from farcluss.data.transforms import WeakAugment
+from farcluss.engine import checkpoint as ckpt
+from farcluss.engine.distributed import DistEnv, all_reduce_sum, barrier
+from farcluss.engine.ema import copy_into_teacher, ema_momentum, make_teacher, update_teacher
+from farcluss.engine.optim import build_optimizer, set_poly_lr
+from farcluss.errors import ConfigError, FarclussError
+from farcluss.evaluate import evaluate
+from farcluss.methods import build_method
+from farcluss.methods.base import Batch, LossOutput
+from farcluss.models.pretrained import load_pretrained
+
+
+class TrainingError(FarclussError):
+    """Training cannot go on (a NaN loss under nan_policy=stop, …)."""
+
+
+def resolve_device(name: str, env: DistEnv) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", env.local_rank)
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'train.device' is {name} but CUDA is not available")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", env.local_rank)
+    return device
+
+
+def autocast_context(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def git_revision() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _to_loggable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().cpu()
+        if value.numel() == 1:
+            item = value.item()
+            return None if not math.isfinite(item) else round(item, 6)
+        return [None if not math.isfinite(v) else round(v, 6) for v in value.tolist()]
+    if isinstance(value, float):
+        return round(value, 6)
+    return value
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "checkpoints" / "best.pt"
+
+    @property
+    def run_info(self) -> Path:
+        return self.root / "run.json"
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out_dir: Path, env: Optional[DistEnv] = None,
+                 resume: Optional[bool] = None, data: Optional[DataBundle] = None):
+        """`resume`: True = must resume, False = never, None = resume when last.pt exists."""
+        self.cfg = cfg
+        self.env = env or DistEnv()
+        self.paths = RunPaths(Path(out_dir))
+        self.device = resolve_device(cfg.train.device, self.env)
+        if cfg.train.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("config key 'train.amp' is fp16, which needs CUDA; use bf16 on CPU")
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        self.data = data or build_data(cfg)
+        self.num_classes = len(self.data.classes)
+        self.method = build_method(cfg, self.num_classes, reduce=all_reduce_sum,
+                                   world_size=self.env.world_size, rank=self.env.rank)
+
+        torch.manual_seed(cfg.train.seed)
+        student = self.method.build_student()
+        if cfg.model.pretrained:
+            load_pretrained(student, cfg.model.pretrained, sha256=cfg.model.pretrained_sha256)
+        if self.env.distributed and self.device.type == "cuda" and cfg.train.sync_bn:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        student.to(self.device)
+        if cfg.train.channels_last:
+            student.to(memory_format=torch.channels_last)
+        self.student = student
+        self.teacher = make_teacher(student) if self.method.uses_teacher else None
+        self.ema_steps = 0
+        self.optimizer = build_optimizer(student, cfg.train.lr, cfg.train.head_lr_multiplier,
+                                         cfg.train.momentum, cfg.train.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
+        if self.env.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student_ddp: nn.Module = nn.parallel.DistributedDataParallel(
+                student, device_ids=device_ids)
+        else:
+            self.student_ddp = student
+
+        self.iteration = 0
+        self.best_miou = -1.0
+        self.best_iteration = -1
+        self._python_rng = random.Random(cfg.train.seed)
+        self._resume(resume)
+
+    # ---- run folder ---------------------------------------------------------------------------
+    def _prepare_run_folder(self) -> None:
+        if not self.env.is_main:
+            return
+        try:
+            (self.paths.root / "checkpoints").mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.paths.config)
+            info = {
+                "farcluss_version": farcluss.__version__,
+                "git_revision": git_revision(),
+                "seed": self.cfg.train.seed,
+                "world_size": self.env.world_size,
+                "global_batch_labeled": self.cfg.train.batch_size * self.env.world_size,
+                "global_batch_unlabeled": self._unlabeled_batch_size() * self.env.world_size
+                if self.method.uses_unlabeled else 0,
+                "device": str(self.device),
+                "torch_version": torch.__version__,
+                "classes": self.data.classes,
+            }
+            self.paths.run_info.write_text(json.dumps(info, indent=2) + "\n")
+        except OSError as exc:
+            raise FarclussError(f"output folder {self.paths.root} is not writable: {exc.strerror}") from None
+
+    def _unlabeled_batch_size(self) -> int:
+        return self.cfg.train.unlabeled_batch_size or self.cfg.train.batch_size
+
+    def _log(self, record: Dict[str, Any]) -> None:
+        if not self.env.is_main:
+            return
+        with self.paths.metrics.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def _checkpoint_state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "python": list(self._python_rng.getstate()[1])}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": 1,
+            "farcluss_version": farcluss.__version__,
+            "iteration": self.iteration,
+            "config": self.cfg.to_dict(),
+            "classes": list(self.data.classes),
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "ema_steps": self.ema_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "method": self.method.state_dict(),
+            "best_miou": self.best_miou,
+            "best_iteration": self.best_iteration,
+            "rng": rng,
+        }
+
+    def _save_last(self) -> None:
+        if self.env.is_main:
+            ckpt.save_atomic(self._checkpoint_state(), self.paths.last)
+
+    def _save_best(self, miou: float) -> None:
+        if not self.env.is_main:
+            return
+        state = {
+            "format": 1,
+            "farcluss_version": farcluss.__version__,
+            "iteration": self.iteration,
+            "config": self.cfg.to_dict(),
+            "classes": list(self.data.classes),
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "miou": miou,
+        }
+        ckpt.save_atomic(state, self.paths.best)
+
+    def _resume(self, resume: Optional[bool]) -> None:
+        exists = self.paths.last.is_file()
+        if resume is True and not exists:
+            raise FarclussError(f"--resume given but {self.paths.last} does not exist")
+        if resume is False or not exists:
+            return
+        state = ckpt.load_checkpoint(self.paths.last, map_location="cpu")
+        ckpt.load_model_state(self.student, state["student"], str(self.paths.last))
+        if self.teacher is not None and state.get("teacher") is not None:
+            ckpt.load_model_state(self.teacher, state["teacher"], str(self.paths.last))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.load_state_dict(state.get("method", {}))
+        self.iteration = int(state["iteration"])
+        self.ema_steps = int(state.get("ema_steps", 0))
+        self.best_miou = float(state.get("best_miou", -1.0))
+        self.best_iteration = int(state.get("best_iteration", -1))
+        rng = state.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "python" in rng:
+            self._python_rng.setstate((3, tuple(int(v) for v in rng["python"]), None))
+        self.resumed_from = self.iteration
+
+    # ---- data -----------------------------------------------------------------------------------
+    def _loader(self, dataset: SegmentationDataset, batch_size: int, stream: int) -> Iterator[dict]:
+        t = self.cfg.train
+        sampler = InfiniteSampler(len(dataset), seed=t.seed * 7 + stream, rank=self.env.rank,
+                                  world_size=self.env.world_size, shuffle=True,
+                                  start=self.iteration * batch_size)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                            num_workers=t.num_workers, pin_memory=self.device.type == "cuda",
+                            drop_last=True, persistent_workers=t.num_workers > 0,
+                            prefetch_factor=4 if t.num_workers > 0 else None)
+        return iter(loader)
+
+    def _datasets(self) -> tuple[SegmentationDataset, Optional[SegmentationDataset]]:
+        d = self.cfg.data
+        weak = WeakAugment(d.crop_size, scale_range=d.scale_range, flip_prob=d.flip_prob,
+                           mean=d.mean, std=d.std, ignore_index=d.ignore_index)
+        labeled = SegmentationDataset(self.data.labeled, self.num_classes, d.ignore_index, weak,
+                                      mode="labeled")
+        unlabeled = None
+        if self.method.uses_unlabeled:
+            unlabeled = SegmentationDataset(self.data.unlabeled, self.num_classes, d.ignore_index,
+                                            weak, mode="unlabeled")
+        return labeled, unlabeled
+
+    def _to_batch(self, batch_l: dict, batch_u: Optional[dict]) -> Batch:
+        def move(tensor: torch.Tensor, image: bool = False) -> torch.Tensor:
+            tensor = tensor.to(self.device, non_blocking=True)
+            if image and self.cfg.train.channels_last:
+                tensor = tensor.contiguous(memory_format=torch.channels_last)
+            return tensor
+
+        batch = Batch(images_l=move(batch_l["image"], True), masks_l=move(batch_l["mask"]).long())
+        if batch_u is not None:
+            batch.images_u_weak = move(batch_u["image"], True)
+            batch.ignore_mask_u = move(batch_u["ignore_mask"]).long()
+        return batch
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def evaluate_models(self) -> Dict[str, dict]:
+        loader = eval_loader(self.cfg, self.data, self.num_classes, self.env)
+        e = self.cfg.eval
+        results = {}
+        models = [("student", self.student)]
+        if self.teacher is not None:
+            models.insert(0, ("teacher", self.teacher))
+        for name, model in models:
+            metrics = evaluate(model, loader, self.num_classes, mode=e.mode,
+                               crop_size=e.crop_size or self.cfg.data.crop_size,
+                               stride_ratio=e.stride_ratio,
+                               ignore_index=self.cfg.data.ignore_index, device=self.device,
+                               reduce=all_reduce_sum, class_names=self.data.classes,
+                               output_stride=self.cfg.model.output_stride)
+            results[name] = metrics
+            self._log({"type": "eval", "iteration": self.iteration, "model": name,
+                       "miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
+                       "pixel_accuracy": metrics["pixel_accuracy"],
+                       "class_names": list(self.data.classes)})
+        return results
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _check_finite(self, output: LossOutput, total: torch.Tensor) -> bool:
+        if bool(torch.isfinite(total)):
+            return True
+        bad = [name for name, term in output.terms.items() if not bool(torch.isfinite(term).all())]
+        where = ", ".join(bad) if bad else "total"
+        if self.cfg.train.nan_policy == "stop":
+            raise TrainingError(
+                f"non-finite loss at iteration {self.iteration + 1} in term(s) {where}; "
+                f"the last good checkpoint is {self.paths.last} (train.nan_policy=skip skips such steps)")
+        self._log({"type": "skip", "iteration": self.iteration + 1, "non_finite": bad or ["total"]})
+        return False
+
+    def train_step(self, batch: Batch) -> LossOutput:
+        cfg = self.cfg
+        set_poly_lr(self.optimizer, self.iteration, cfg.train.iterations, cfg.train.poly_power)
+        if (self.teacher is not None and cfg.method.warmup_iterations > 0
+                and self.iteration == cfg.method.warmup_iterations):
+            # the teacher starts as a copy of the student at the end of the warm-up
+            copy_into_teacher(self.teacher, self.student)
+            self.ema_steps = 0
+        self.student_ddp.train()
+        with autocast_context(self.device, cfg.train.amp):
+            output = self.method.losses(batch, self.student_ddp, self.teacher, self.iteration)
+            total = output.total()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._check_finite(output, total):
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.teacher is not None and self.iteration >= cfg.method.warmup_iterations:
+                update_teacher(self.teacher, self.student,
+                               ema_momentum(self.ema_steps, cfg.method.ema_momentum))
+                self.ema_steps += 1
+        self.iteration += 1
+        output.stats["loss"] = total.detach()
+        return output
+
+    def fit(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        t = cfg.train
+        self._prepare_run_folder()
+        labeled_set, unlabeled_set = self._datasets()
+        labeled_iter = self._loader(labeled_set, t.batch_size, stream=0)
+        unlabeled_iter = (self._loader(unlabeled_set, self._unlabeled_batch_size(), stream=1)
+                          if unlabeled_set is not None else None)
+        progress = None
+        if self.env.is_main and t.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=t.iterations, initial=self.iteration, desc=cfg.method.name,
+                            dynamic_ncols=True, leave=False)
+        window_start = time.perf_counter()
+        data_wait = 0.0
+        window_iters = 0
+        last_results: Dict[str, dict] = {}
+        while self.iteration < t.iterations:
+            fetch_start = time.perf_counter()
+            batch_l = next(labeled_iter)
+            batch_u = next(unlabeled_iter) if unlabeled_iter is not None else None
+            batch = self._to_batch(batch_l, batch_u)
+            data_wait += time.perf_counter() - fetch_start
+            output = self.train_step(batch)
+            window_iters += 1
+            if progress is not None:
+                progress.update(1)
+            if self.iteration % t.log_interval == 0 or self.iteration == t.iterations:
+                elapsed = time.perf_counter() - window_start
+                record = {"type": "train", "iteration": self.iteration,
+                          "lr": self.optimizer.param_groups[0]["lr"],
+                          "seconds_per_iteration": round(elapsed / window_iters, 5),
+                          "data_wait_fraction": round(data_wait / max(elapsed, 1e-9), 4)}
+                for name, term in output.terms.items():
+                    record[f"loss_{name}"] = _to_loggable(term)
+                    record[f"weight_{name}"] = _to_loggable(float(output.weights.get(name, 1.0)))
+                for name, value in output.stats.items():
+                    record[name] = _to_loggable(value)
+                self._log(record)
+                if progress is not None:
+                    progress.set_postfix(loss=record.get("loss"), refresh=False)
+                window_start, data_wait, window_iters = time.perf_counter(), 0.0, 0
+            if self.iteration % t.eval_interval == 0 or self.iteration == t.iterations:
+                last_results = self.evaluate_models()
+                main_name = "teacher" if self.teacher is not None else "student"
+                miou = last_results[main_name]["miou"]
+                if miou is not None and miou > self.best_miou:
+                    self.best_miou, self.best_iteration = miou, self.iteration
+                    self._save_best(miou)
+            if self.iteration % t.checkpoint_interval == 0 or self.iteration == t.iterations:
+                self._save_last()
+                barrier()
+        if progress is not None:
+            progress.close()
+        if not last_results:
+            last_results = self.evaluate_models()
+        return {"iteration": self.iteration, "best_miou": self.best_miou,
+                "best_iteration": self.best_iteration, "final": last_results,
+                "run_dir": str(self.paths.root)}

@@ -1,0 +1,94 @@
+"""Adaptive class rebalancing from pseudo-label frequencies (METHOD.md §3)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def class_counts(
+    pseudo_labels: torch.Tensor,
+    valid_mask: torch.Tensor,
+    num_classes: int,
+    reduce: Reduce | None = None,
+) -> torch.Tensor:
+    """Number of valid pixels per hard pseudo-label, summed over the global batch.
+
+        n_c = Σ_ranks |{x valid : argmax q(x) = c}|
+
+    Args:
+        pseudo_labels: B×H×W int64 hard pseudo-labels in [0, C) (argmax of the fuzzy targets).
+        valid_mask: B×H×W bool, False on padding / ignored pixels.
+        num_classes: C.
+        reduce: cross-rank sum (e.g. `engine.distributed.all_reduce_sum`); identity if None.
+
+    Returns:
+        Length-C float32 counts.
+    """
+    counts = torch.bincount(pseudo_labels[valid_mask].reshape(-1), minlength=num_classes)
+    if counts.numel() != num_classes:
+        raise ValueError(
+            f"pseudo-labels must lie in [0, {num_classes}), got up to {counts.numel() - 1}"
+        )
+    counts = counts.float()
+    return reduce(counts) if reduce is not None else counts
+
+
+def class_weights(
+    counts: torch.Tensor,
+    alpha: float = 1.0,
+    clip: tuple[float, float] = (0.1, 10.0),
+) -> torch.Tensor:
+    """Inverse-frequency class weights normalised to mean 1 over the present classes.
+
+        w_c = (N / (C_b · n_c))^α          for n_c > 0   (N = Σ n_c, C_b = #{c : n_c > 0})
+        w_c ← w_c / mean_{n_c' > 0} w_c'
+        w_c ← clip(w_c, lo, hi)
+        w_c = 1                            for n_c = 0
+
+    An absent class gets weight 1 because no pixel carries that pseudo-label, so its weight
+    multiplies nothing in `weighted_unsup_loss`; 1 keeps the "inside the soft CE" variant
+    neutral for it too. With no present class every weight is 1. α = 0 gives all ones.
+
+    Args:
+        counts: length-C pixel counts n_c (e.g. from `class_counts` or `ema_counts`).
+        alpha: exponent α ≥ 0; 1 is plain inverse frequency.
+        clip: (lo, hi) bounds applied after the normalisation.
+
+    Returns:
+        Length-C float32 weights, no gradient.
+    """
+    counts = counts.detach().float()
+    present = counts > 0
+    num_present = present.sum().clamp_min(1)
+    total = counts.sum()
+    safe_counts = torch.where(present, counts, torch.ones_like(counts))
+    raw = (total / (num_present * safe_counts)).pow(alpha)
+    raw = torch.where(present, raw, torch.zeros_like(raw))
+    mean_present = (raw.sum() / num_present).clamp_min(torch.finfo(raw.dtype).tiny)
+    weights = (raw / mean_present).clamp(clip[0], clip[1])
+    return torch.where(present, weights, torch.ones_like(weights))
+
+
+def ema_counts(
+    previous: torch.Tensor | None, counts: torch.Tensor, momentum: float
+) -> torch.Tensor:
+    """Exponential moving average of the class counts (the "ema" rebalancing variant).
+
+        n̄_c ← m · n̄_c + (1 − m) · n_c,   n̄ = n on the first call (previous is None)
+
+    Args:
+        previous: the running counts, or None before the first batch.
+        counts: this batch's (global) counts.
+        momentum: m in [0, 1).
+
+    Returns:
+        Length-C float32 running counts.
+    """
+    counts = counts.detach().float()
+    if previous is None:
+        return counts.clone()
+    return momentum * previous.float() + (1.0 - momentum) * counts

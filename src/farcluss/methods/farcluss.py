@@ -1,0 +1,178 @@
+"""FARCLUSS (METHOD.md): a mean teacher whose unlabeled loss keeps uncertain pixels as signal.
+
+    L = L_sup + λ_u · r(t) · L_unsup + λ_c · L_con
+    L_unsup = Σ_x u(x) · w_{argmax q(x)} · ℓ(x) / #valid
+
+with fuzzy top-K targets q (§1), entropy pixel weights u (§2), batch class weights w (§3) and a
+prototype contrastive loss on the decoder feature (§4). Every reading is a config value; with
+K=1, weighting none, rebalance off, contrastive off and a threshold it is FixMatch.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from farcluss.config import resolved_threshold
+from farcluss.losses.contrastive import (downsample_labels, global_prototypes,
+                                         prototype_contrastive_loss, prototype_sums,
+                                         sample_pixels_per_class, update_prototype_bank)
+from farcluss.losses.fuzzy import fuzzy_targets, soft_cross_entropy
+from farcluss.losses.rebalance import class_counts, class_weights, ema_counts
+from farcluss.losses.weighting import pixel_weights
+from farcluss.methods.base import Batch, LossOutput, MeanTeacherMethod, confidence_stats
+
+
+class FarclussState(nn.Module):
+    """Statistics that persist across iterations: prototype bank (C×D) and class-count EMA.
+
+    A submodule of the student, so it is saved in checkpoints and moves with the device.
+    """
+
+    def __init__(self, num_classes: int, projection_dim: int):
+        super().__init__()
+        self.register_buffer("prototypes", torch.zeros(num_classes, projection_dim))
+        self.register_buffer("prototype_initialized", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("class_count_ema", torch.zeros(num_classes))
+        self.register_buffer("class_count_ema_initialized", torch.zeros((), dtype=torch.bool))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+class Farcluss(MeanTeacherMethod):
+    name = "farcluss"
+
+    @property
+    def contrastive_on(self) -> bool:
+        m = self.cfg.method
+        return m.contrastive == "prototype" and m.lambda_c > 0
+
+    def projection_dim(self) -> int:
+        return self.cfg.method.projection_dim if self.contrastive_on else 0
+
+    def build_student(self) -> nn.Module:
+        student = super().build_student()
+        student.farcluss_state = FarclussState(self.num_classes, self.cfg.method.projection_dim)
+        return student
+
+    # ---- the unlabeled loss ---------------------------------------------------------------------
+    def unsup_loss(self, logits_u: Tensor, teacher_probs: Tensor, valid_mask: Tensor,
+                   state: FarclussState) -> tuple[Tensor, Tensor, Tensor, Dict[str, Tensor]]:
+        """Returns (L_unsup, pseudo_labels, pixel weights u, stats)."""
+        m = self.cfg.method
+        targets = fuzzy_targets(teacher_probs, m.top_k, temperature=m.temperature)
+        weights_u = pixel_weights(teacher_probs, mode=m.weighting, beta=m.weighting_beta,
+                                  gamma=m.weighting_gamma)
+        pseudo_labels = targets.argmax(dim=1)
+        kept = valid_mask
+        threshold = resolved_threshold(self.cfg)
+        if threshold > 0:
+            kept = kept & (teacher_probs.max(dim=1).values >= threshold)
+
+        counts = class_counts(pseudo_labels, kept, self.num_classes, reduce=self.reduce)
+        if m.rebalance == "ema":
+            previous = state.class_count_ema if bool(state.class_count_ema_initialized) else None
+            counts = ema_counts(previous, counts, m.rebalance_momentum)
+            state.class_count_ema.copy_(counts)
+            state.class_count_ema_initialized.fill_(True)
+        if m.rebalance == "off":
+            weights_c = torch.ones(self.num_classes, device=logits_u.device)
+        else:
+            weights_c = class_weights(counts, alpha=m.rebalance_alpha, clip=m.rebalance_clip)
+
+        if m.rebalance_apply == "inside" and m.rebalance != "off":
+            per_pixel = soft_cross_entropy(logits_u, targets, class_weights=weights_c)
+            class_factor = torch.ones_like(weights_u)
+        else:
+            per_pixel = soft_cross_entropy(logits_u, targets)
+            class_factor = weights_c[pseudo_labels]
+        n_valid = self.global_count(valid_mask.sum())
+        loss = (weights_u * class_factor * per_pixel * kept).sum() / n_valid.clamp_min(1.0)
+
+        present = counts > 0
+        stats = confidence_stats(teacher_probs, valid_mask)
+        n_local_valid = valid_mask.sum().clamp_min(1)
+        stats["pixel_weight_mean"] = (weights_u * valid_mask).sum() / n_local_valid
+        stats["class_weight_min"] = torch.where(present, weights_c, torch.full_like(weights_c, float("inf"))).min()
+        stats["class_weight_max"] = torch.where(present, weights_c, torch.zeros_like(weights_c)).max()
+        stats["pseudo_label_frequency"] = counts / counts.sum().clamp_min(1.0)
+        return loss, pseudo_labels, weights_u, stats
+
+    # ---- the contrastive loss -------------------------------------------------------------------
+    def contrastive_loss(self, embeddings: Tensor, pixel_labels: Tensor,
+                         state: FarclussState) -> tuple[Tensor, Dict[str, Tensor]]:
+        """Prototype contrast on sampled pixels of the decoder embedding (§4)."""
+        m = self.cfg.method
+        labels = downsample_labels(pixel_labels, embeddings.shape[-2:])
+        flat_embeddings = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
+        flat_labels = labels.reshape(-1)
+        valid_index = torch.nonzero(flat_labels != self.ignore_index).squeeze(1)
+        flat_embeddings = flat_embeddings[valid_index].float()
+        flat_labels = flat_labels[valid_index]
+        chosen = sample_pixels_per_class(flat_labels, self.num_classes, m.max_pixels_per_class,
+                                         generator=self.generator)
+        flat_embeddings, flat_labels = flat_embeddings[chosen], flat_labels[chosen]
+        sums, counts = prototype_sums(flat_embeddings, flat_labels, self.num_classes)
+        # sums and counts over all ranks, so every rank pulls towards the same prototypes
+        batch_prototypes, present = global_prototypes(sums, counts, reduce=self.reduce)
+        loss, stats = prototype_contrastive_loss(
+            flat_embeddings, flat_labels, batch_prototypes, present, state.prototypes,
+            state.prototype_initialized, temperature=m.contrastive_temperature,
+        )
+        with torch.no_grad():
+            bank, initialized = update_prototype_bank(
+                state.prototypes, state.prototype_initialized, batch_prototypes.detach(),
+                present, momentum=m.prototype_momentum,
+            )
+            state.prototypes.copy_(bank)
+            state.prototype_initialized.copy_(initialized)
+        return loss, stats
+
+    def contrastive_labels(self, masks_l: Tensor, pseudo_labels: Optional[Tensor],
+                           weights_u: Optional[Tensor], valid_u: Optional[Tensor]) -> Tensor:
+        """Ground truth on labeled pixels; argmax q on unlabeled pixels with u(x) > 0.5."""
+        if pseudo_labels is None:
+            return masks_l
+        confident = valid_u & (weights_u > self.cfg.method.contrastive_weight_threshold)
+        labels_u = torch.where(confident, pseudo_labels, torch.full_like(pseudo_labels, self.ignore_index))
+        return torch.cat([masks_l, labels_u])
+
+    # ---- one iteration ------------------------------------------------------------------------
+    def losses(self, batch: Batch, student: nn.Module, teacher: Optional[nn.Module],
+               iteration: int) -> LossOutput:
+        m = self.cfg.method
+        state = _unwrap(student).farcluss_state
+        n_l = batch.images_l.shape[0]
+        terms: Dict[str, Tensor] = {}
+        weights: Dict[str, float] = {"sup": 1.0}
+        stats: Dict[str, Tensor] = {}
+
+        if self.unsup_active(iteration) and teacher is not None:
+            view = self.teacher_view(teacher, batch)
+            images = torch.cat([batch.images_l, view.images_u_strong])
+        else:
+            view = None
+            images = batch.images_l
+        outputs = student(images, project=True) if self.contrastive_on else student(images)
+        logits = outputs[0]
+        terms["sup"] = self.supervised_loss(logits[:n_l], batch.masks_l)
+
+        pseudo_labels = weights_u = None
+        if view is not None:
+            terms["unsup"], pseudo_labels, weights_u, unsup_stats = self.unsup_loss(
+                logits[n_l:], view.teacher_probs, view.valid_mask, state)
+            weights["unsup"] = self.ramp_weight(iteration)
+            stats.update(unsup_stats)
+
+        if self.contrastive_on:
+            embeddings = outputs[2]
+            pixel_labels = self.contrastive_labels(
+                batch.masks_l, pseudo_labels, weights_u, view.valid_mask if view else None)
+            terms["con"], con_stats = self.contrastive_loss(embeddings, pixel_labels, state)
+            weights["con"] = m.lambda_c
+            stats.update(con_stats)
+        return LossOutput(terms=terms, weights=weights, stats=stats)

@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from farcluss.errors import ConfigError
+from farcluss.models import build_model
+from farcluss.models.deeplab import DeepLabV3Plus
+
+NUM_CLASSES = 5
+
+
+def tiny_model(**kwargs):
+    torch.manual_seed(0)
+    options = dict(backbone="resnet18", base_width=8)
+    options.update(kwargs)
+    return DeepLabV3Plus(NUM_CLASSES, **options)
+
+
+@pytest.mark.parametrize("backbone,output_stride,deep_stem", [
+    ("resnet18", 16, False), ("resnet34", 8, False), ("resnet50", 16, True),
+    ("resnet101", 8, False),
+])
+def test_logits_at_input_size_and_feature_at_quarter(backbone, output_stride, deep_stem):
+    model = tiny_model(backbone=backbone, output_stride=output_stride,
+                       deep_stem=deep_stem).eval()
+    images = torch.randn(2, 3, 50, 38)
+    with torch.no_grad():
+        logits, feature = model(images)
+    assert logits.shape == (2, NUM_CLASSES, 50, 38)
+    # stride-2 conv then stride-2 max pool, each rounding up: 50 -> 25 -> 13, 38 -> 19 -> 10
+    assert feature.shape == (2, 256, 13, 10)
+
+
+def test_aspp_rates_scale_with_output_stride():
+    def rates(model):
+        return [branch[0].dilation[0] for branch in model.aspp.branches[1:4]]
+
+    assert rates(tiny_model(output_stride=16)) == [6, 12, 18]
+    assert rates(tiny_model(output_stride=8)) == [12, 24, 36]
+    assert rates(tiny_model(aspp_dilations=(2, 3, 4))) == [2, 3, 4]
+
+
+def test_projection_gives_unit_norm_embeddings_of_the_feature():
+    model = tiny_model(projection_dim=16, projection_hidden=32).eval()
+    with torch.no_grad():
+        logits, feature, embedding = model(torch.randn(2, 3, 32, 32), project=True)
+        assert torch.allclose(embedding, model.project(feature))
+    assert embedding.shape == (2, 16, 8, 8)
+    assert torch.allclose(embedding.norm(dim=1), torch.ones(2, 8, 8), atol=1e-5)
+
+
+def test_project_without_head_is_an_error():
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="projection_dim"):
+        model.project(torch.randn(1, 256, 4, 4))
+
+
+def test_batch_of_one_trains_and_every_parameter_gets_a_gradient():
+    # one forward with project=True must reach every parameter (DDP checks this)
+    model = tiny_model(projection_dim=8, projection_hidden=16).train()
+    logits, feature, embedding = model(torch.randn(1, 3, 32, 32), project=True)
+    (logits.square().mean() + embedding.sum()).backward()
+    without_grad = [name for name, p in model.named_parameters() if p.grad is None]
+    assert without_grad == []
+
+
+def test_parameter_groups_split_backbone_from_head():
+    model = tiny_model(projection_dim=8)
+    backbone_params, head_params = model.parameter_groups()
+    assert {id(p) for p in backbone_params} == {id(p) for p in model.backbone.parameters()}
+    assert {id(p) for p in backbone_params}.isdisjoint(id(p) for p in head_params)
+    assert len(backbone_params) + len(head_params) == len(list(model.parameters()))
+    assert any(p is model.classifier.weight for p in head_params)
+
+
+def test_build_model_rejects_unknown_backbone_naming_the_key():
+    with pytest.raises(ConfigError, match=r"model\.backbone.*resnet152"):
+        build_model(NUM_CLASSES, backbone="resnet152")
+
+
+def test_build_model_rejects_bad_output_stride_naming_the_key():
+    with pytest.raises(ConfigError, match=r"model\.output_stride"):
+        build_model(NUM_CLASSES, backbone="resnet18", output_stride=4)
+
+
+def test_full_resnet50_forward_at_65_pixels():
+    torch.manual_seed(0)
+    model = build_model(21, backbone="resnet50", output_stride=16).eval()
+    with torch.no_grad():
+        logits, feature = model(torch.randn(1, 3, 65, 65))
+    assert logits.shape == (1, 21, 65, 65)
+    assert feature.shape == (1, 256, 17, 17)
+    assert torch.isfinite(logits).all()
