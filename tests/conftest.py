@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import os
 
-# OpenMP threads that spin while waiting turn a busy second core into 100x slower tiny steps;
-# sleeping at once keeps the suite fast when something else runs beside it.
+# Tiny models gain nothing from a second thread, and OpenMP threads that spin-wait make a step
+# up to 100x slower when the other core is busy (subprocesses, DDP ranks, data workers).
+# One thread per process keeps the suite fast and its timing stable; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("KMP_BLOCKTIME", "0")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+torch.set_num_threads(1)
 
 TINY_CLASSES = ["background", "square", "disc"]
 
@@ -68,3 +74,36 @@ def tiny_overrides(root: Path, method: str = "farcluss", iterations: int = 4) ->
         "train.lr=0.01", "train.progress=false", "method.projection_dim=16",
         "method.ema_momentum=0.9",
     ]
+
+
+def write_tiny_checkpoint(path: Path, root: Path, seed: int = 0) -> Path:
+    """A run checkpoint (config, classes, student, teacher) of the tiny model, without training.
+
+    BatchNorm statistics are measured on the dataset's images, so the logits have a trained
+    model's scale (tens, not the thousands two training steps leave in the running stats) and
+    the predictions vary across each image.
+    """
+    import torch
+
+    from farcluss.config import load_config
+    from farcluss.data.io import load_image
+    from farcluss.data.transforms import image_to_tensor
+    from farcluss.methods import build_method
+
+    torch.manual_seed(seed)
+    cfg = load_config(None, tiny_overrides(root, "farcluss"))
+    model = build_method(cfg, len(TINY_CLASSES)).build_student()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batches
+    images = torch.stack([image_to_tensor(load_image(path), cfg.data.mean, cfg.data.std)
+                          for path in sorted((root / "images").glob("*.png"))[:8]])
+    model.train()
+    with torch.no_grad():
+        model(images)
+    state = model.state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": cfg.to_dict(), "classes": TINY_CLASSES, "student": state,
+                "teacher": state}, path)
+    return path

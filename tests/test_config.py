@@ -80,3 +80,10 @@ def test_round_trip_and_schema_reference():
 def test_parse_override_requires_equals():
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("train.lr")
+
+
+def test_configuration_reference_is_up_to_date():
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert describe_schema() in doc.read_text(), "run: python -m farcluss.config docs/configuration.md"

@@ -6,7 +6,10 @@ weak view and the student's strong view come from the same crop without a second
 
 Every random number comes from a ``torch.Generator`` passed by the caller and the number of
 draws per call depends only on the batch size, never on which operations fire: a run that
-resumes with the generator's saved state replays exactly the same augmentations.
+resumes with the generator's saved state replays exactly the same augmentations. Training
+draws instead from :func:`per_sample_uniform`, one stream per image seeded by the sampler, so an
+image's strong view depends on its place in the data stream only — not on the rank that holds
+it or the images that share its batch (DDP with W × b images equals one process with W·b).
 
 Colour operations follow torchvision's ``ColorJitter`` semantics on images in [0, 1]; hue is
 rotated in HSV space (not YIQ), as torchvision does. Each image draws its own factors, its own
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,10 @@ _LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 # Indices of the jitter operations in StrongAugmentParams.order.
 _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
+
+#: U[0, 1) numbers one image consumes: strong-view parameters and its CutMix box.
+STRONG_AUGMENT_DRAWS = 12
+CUTMIX_DRAWS = 5
 
 
 def _per_sample(factor: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -215,7 +222,15 @@ class StrongAugment:
         Always draws one B×12 uniform block, whatever the probabilities, so the generator's state
         after the call depends only on the batch size.
         """
-        uniform = torch.rand(batch_size, 12, generator=generator, device=generator.device)
+        uniform = torch.rand(batch_size, STRONG_AUGMENT_DRAWS, generator=generator,
+                             device=generator.device)
+        return self.params_from_uniform(uniform)
+
+    def params_from_uniform(self, uniform: torch.Tensor) -> StrongAugmentParams:
+        """The parameters of every image from a B×12 block of U[0, 1) numbers (one row per image)."""
+        if uniform.dim() != 2 or uniform.shape[1] != STRONG_AUGMENT_DRAWS:
+            raise ValueError(f"expected B×{STRONG_AUGMENT_DRAWS} uniforms, got shape {tuple(uniform.shape)}")
+        uniform = uniform.float()
 
         def factor_range(column: int, strength: float) -> torch.Tensor:
             low, high = max(0.0, 1.0 - strength), 1.0 + strength
@@ -244,6 +259,12 @@ class StrongAugment:
 
     def apply(self, images: torch.Tensor, params: StrongAugmentParams) -> torch.Tensor:
         """Augment normalised images with given parameters (already on the images' device)."""
+        # Data preparation, not model compute: under train.amp the blur convolution would
+        # otherwise run in bf16/fp16 and quantise the strong view.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return self._apply_fp32(images, params)
+
+    def _apply_fp32(self, images: torch.Tensor, params: StrongAugmentParams) -> torch.Tensor:
         mean = torch.tensor(self.mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
         pixels = (images.float() * std + mean).clamp(0.0, 1.0)
@@ -305,15 +326,32 @@ def cutmix_masks(
     the box, so its area never exceeds ``area[1]``; rounding moves it by at most one row/column.
     Draws a fixed B×5 block from ``generator``.
     """
+    uniform = torch.rand(batch_size, CUTMIX_DRAWS, generator=generator, device=generator.device,
+                         dtype=torch.float64)
+    return cutmix_masks_from_uniform(uniform, height, width, prob, area, aspect, device=device)
+
+
+def cutmix_masks_from_uniform(
+    uniform: torch.Tensor,
+    height: int,
+    width: int,
+    prob: float = 0.5,
+    area: Tuple[float, float] = (0.02, 0.4),
+    aspect: Tuple[float, float] = (0.3, 1 / 0.3),
+    *,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """`cutmix_masks` from a given B×5 block of U[0, 1) numbers (one row per image)."""
     if not 0.0 <= prob <= 1.0:
         raise ConfigError(f"cutmix: prob must be in [0, 1], got {prob}")
     if not 0.0 < area[0] <= area[1] <= 1.0:
         raise ConfigError(f"cutmix: area must satisfy 0 < min <= max <= 1, got {area}")
     if not 0.0 < aspect[0] <= aspect[1]:
         raise ConfigError(f"cutmix: aspect must satisfy 0 < min <= max, got {aspect}")
+    if uniform.dim() != 2 or uniform.shape[1] != CUTMIX_DRAWS:
+        raise ValueError(f"expected B×{CUTMIX_DRAWS} uniforms, got shape {tuple(uniform.shape)}")
     device = torch.device("cpu") if device is None else torch.device(device)
-    uniform = torch.rand(batch_size, 5, generator=generator, device=generator.device,
-                         dtype=torch.float64).to(device)
+    uniform = uniform.to(device=device, dtype=torch.float64)
 
     apply = uniform[:, 0] < prob
     box_area = (area[0] + (area[1] - area[0]) * uniform[:, 1]) * height * width
@@ -342,10 +380,40 @@ def cutmix_partners(
     ``apply_cutmix`` leaves the batch unchanged. Draws a fixed B-long permutation.
     """
     cycle = torch.randperm(batch_size, generator=generator, device=generator.device)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return _partners_of_cycle(cycle).to(device)
+
+
+def cutmix_partners_from_keys(keys: torch.Tensor) -> torch.Tensor:
+    """`cutmix_partners` whose cyclic order sorts one U[0, 1) key per image.
+
+    Keys drawn from each image's own stream make the pairing a function of which images share
+    the batch, whatever their order in it; i.i.d. keys give a uniformly random cycle.
+    """
+    return _partners_of_cycle(keys.reshape(-1).argsort())
+
+
+def _partners_of_cycle(cycle: torch.Tensor) -> torch.Tensor:
     partner = torch.empty_like(cycle)
     partner[cycle] = cycle.roll(-1)
-    device = torch.device("cpu") if device is None else torch.device(device)
-    return partner.to(device)
+    return partner
+
+
+def per_sample_uniform(seeds: Union[torch.Tensor, Sequence[int]], columns: int) -> torch.Tensor:
+    """B×columns float64 U[0, 1) numbers on the CPU; row i comes from a generator seeded with seeds[i].
+
+    The sampler gives every item a 63-bit seed tied to its position in the (global) data stream,
+    so a row depends on that position alone: not on the rank, the batch size or the neighbours in
+    the batch, and a resumed run redraws it without saved generator state. The loop runs over
+    images (a few per batch), never over pixels.
+    """
+    if isinstance(seeds, torch.Tensor):
+        seeds = seeds.reshape(-1).tolist()
+    rows = [torch.rand(columns, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+            for seed in seeds]
+    if not rows:
+        return torch.empty(0, columns, dtype=torch.float64)
+    return torch.stack(rows)
 
 
 def apply_cutmix(tensor: torch.Tensor, box_mask: torch.Tensor, partner_index: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -151,14 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (one process, or one per rank under torchrun)")
-    _add_config_args(p)
+    _add_config_args(p, config_required=False)
     p.add_argument("--out", help="run folder (default runs/<config>-<method>-<time>)")
-    p.add_argument("--resume", action="store_true", help="resume from OUT/checkpoints/last.pt (required)")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if last.pt exists")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="resume from OUT/checkpoints/last.pt, which must exist (by default a "
+                             "run resumes when it exists)")
+    resume.add_argument("--no-resume", action="store_true",
+                        help="start afresh even if last.pt exists")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation list")
-    _add_config_args(p)
+    _add_config_args(p, config_required=False)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--model", choices=["teacher", "student"], default=None,
                    help="which model of the checkpoint (default eval.model)")
@@ -177,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_splits)
 
     p = sub.add_parser("check", help="scan every image and mask of a config's splits")
-    _add_config_args(p)
+    _add_config_args(p, config_required=False)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("data", help="dataset tools")
@@ -211,7 +216,28 @@ def _register_extras() -> None:
             if exc.name == module:
                 continue
             raise
-        _EXTRA_COMMANDS.append(mod.register_command)
+        if mod.register_command not in _EXTRA_COMMANDS:  # main() may run twice in one process
+            _EXTRA_COMMANDS.append(mod.register_command)
+
+
+def error_line(error: BaseException) -> str:
+    """A user error as one line.
+
+    An error raised in a DataLoader worker comes back as the same type carrying the worker's
+    whole traceback as its message; the original message is that traceback's last line.
+    """
+    text = str(error).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        qualified = f"{type(error).__module__}.{type(error).__qualname__}: "
+        text = last[len(qualified):] if last.startswith(qualified) else last.split(": ", 1)[-1]
+    if isinstance(error, OSError) and error.strerror:
+        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return " ".join(text.split()) or type(error).__name__
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -221,16 +247,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR
-    try:
-        return int(args.func(args) or 0)
-    except FarclussError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.showwarning = _print_warning
+        try:
+            return int(args.func(args) or 0)
+        # an unreadable or unwritable path is the user's environment, not a bug: one line too
+        except (FarclussError, OSError) as exc:
+            if args.debug:
+                raise
+            print(f"error: {error_line(exc)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,27 +24,41 @@ from farcluss.errors import ConfigError
 class DataConfig:
     """Where the images are and how a weak view is made."""
 
+    #: dataset preset: folder (images/, masks/, classes.txt), voc, voc_blended, cityscapes
     preset: Literal["folder", "voc", "voc_blended", "cityscapes"] = "folder"
+    #: dataset folder; split paths are relative to it; builtin:benchmark = the built-in dataset
     root: str = ""
     #: a file with one class name per line, or the list itself; empty → preset / root/classes.txt
     classes: Union[str, List[str], None] = None
     #: must match the class list when both are given
     num_classes: Optional[int] = None
+    #: split list of labeled samples (`image mask` per line)
     labeled: str = "splits/labeled.txt"
+    #: split list of unlabeled samples (`image` per line; a mask column is ignored)
     unlabeled: str = "splits/unlabeled.txt"
+    #: split list of validation samples
     val: str = "splits/val.txt"
+    #: training crop (pixels, square)
     crop_size: int = 321
+    #: random rescale range of the weak view
     scale_range: Tuple[float, float] = (0.5, 2.0)
+    #: horizontal flip probability of the weak view
     flip_prob: float = 0.5
+    #: mask value that is ignored (also used for crop padding)
     ignore_index: int = 255
+    #: normalisation mean (RGB, 0-1 scale)
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+    #: normalisation std (RGB, 0-1 scale)
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass
 class ModelConfig:
+    #: ResNet depth of the DeepLabV3+ encoder
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    #: encoder output stride (dilation replaces stride in the last stage(s))
     output_stride: Literal[8, 16] = 16
+    #: three 3x3 convs instead of the 7x7 stem (ResNet-v1c, used by UniMatch/mmseg weights)
     deep_stem: bool = False
     #: channels of the first ResNet stage; 64 is the standard network, smaller makes tiny models
     base_width: int = 64
@@ -51,6 +66,7 @@ class ModelConfig:
     stem_width: Optional[int] = None
     #: registry name, local file or URL of ImageNet backbone weights; None = random init
     pretrained: Optional[str] = None
+    #: expected sha256 (or prefix) of the pretrained file
     pretrained_sha256: Optional[str] = None
 
 
@@ -58,8 +74,11 @@ class ModelConfig:
 class MethodConfig:
     """The semi-supervised method and every FARCLUSS reading (METHOD.md §0–§6)."""
 
+    #: supervised | fixmatch | farcluss
     name: Literal["supervised", "fixmatch", "farcluss"] = "farcluss"
+    #: teacher EMA momentum m; per step min(1 - 1/(t+1), m)
     ema_momentum: float = 0.999
+    #: weight of the unlabeled loss
     lambda_u: float = 1.0
     #: supervised-only iterations before the unlabeled loss starts; the teacher restarts then
     warmup_iterations: int = 0
@@ -67,22 +86,37 @@ class MethodConfig:
     ramp: float = 0.05
     #: confidence threshold on the teacher; None → 0.95 for fixmatch, 0 (off) for farcluss
     threshold: Optional[float] = None
+    #: K of the fuzzy top-K targets (1 = hard pseudo-labels, C = full distribution)
     top_k: int = 3
+    #: temperature on teacher probabilities before top-K
     temperature: float = 1.0
+    #: pixel weight u(x): none | entropy 1-H/log C | exp exp(-beta H/log C) | power (1-H/log C)^gamma
     weighting: Literal["none", "entropy", "exp", "power"] = "entropy"
+    #: beta of weighting=exp
     weighting_beta: float = 1.0
+    #: gamma of weighting=power
     weighting_gamma: float = 1.0
+    #: class weights from pseudo-label counts: off | batch (this batch) | ema (EMA of counts)
     rebalance: Literal["off", "batch", "ema"] = "batch"
+    #: exponent alpha of w_c = (N / (C_b n_c))^alpha
     rebalance_alpha: float = 1.0
+    #: class weights are clipped to this range after mean-normalisation
     rebalance_clip: Tuple[float, float] = (0.1, 10.0)
+    #: EMA momentum of the class counts (rebalance=ema)
     rebalance_momentum: float = 0.99
     #: "pixel": w_{argmax q} multiplies the pixel loss (METHOD.md default); "inside": −Σ_c w_c q_c log p_c
     rebalance_apply: Literal["pixel", "inside"] = "pixel"
+    #: prototype contrastive loss on the decoder feature: off | prototype
     contrastive: Literal["off", "prototype"] = "prototype"
+    #: weight of the contrastive loss (0 skips the projection head)
     lambda_c: float = 0.1
+    #: temperature tau of the prototype softmax
     contrastive_temperature: float = 0.1
+    #: pixels sampled per class per iteration for the contrastive loss
     max_pixels_per_class: int = 256
+    #: output channels of the projection head
     projection_dim: int = 128
+    #: EMA momentum of the prototype bank (stands in for classes absent from a batch)
     prototype_momentum: float = 0.99
     #: unlabeled pixels join the contrastive loss when their pixel weight exceeds this
     contrastive_weight_threshold: float = 0.5
@@ -92,54 +126,92 @@ class MethodConfig:
 class AugmentConfig:
     """Strong view of an unlabeled crop (METHOD.md §0); it must not change what an object is."""
 
+    #: colour jitter strength (torchvision semantics)
     brightness: float = 0.5
+    #: colour jitter strength (torchvision semantics)
     contrast: float = 0.5
+    #: colour jitter strength (torchvision semantics)
     saturation: float = 0.5
+    #: hue jitter (fraction of the colour circle); keep small where hue defines a class
     hue: float = 0.25
+    #: probability of colour jitter per image
     jitter_prob: float = 0.8
+    #: probability of grayscale per image
     grayscale_prob: float = 0.2
+    #: probability of Gaussian blur per image
     blur_prob: float = 0.5
+    #: Gaussian blur sigma range
     blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    #: probability that an image gets a CutMix box from another image of the batch
     cutmix_prob: float = 0.5
+    #: CutMix box area as a fraction of the crop
     cutmix_area: Tuple[float, float] = (0.02, 0.4)
+    #: CutMix box aspect ratio range
     cutmix_aspect: Tuple[float, float] = (0.3, 3.3)
 
 
 @dataclass
 class TrainConfig:
+    #: training iterations (the poly schedule ends here)
     iterations: int = 1000
     #: labeled images per process per iteration
     batch_size: int = 8
     #: unlabeled images per process per iteration; None → batch_size
     unlabeled_batch_size: Optional[int] = None
+    #: base learning rate of the backbone (SGD)
     lr: float = 0.001
+    #: learning-rate factor of everything that is not the backbone
     head_lr_multiplier: float = 10.0
+    #: SGD momentum
     momentum: float = 0.9
+    #: SGD weight decay
     weight_decay: float = 1e-4
+    #: lr_t = lr (1 - t/T)^power
     poly_power: float = 0.9
+    #: supervised loss: ce | ohem
     loss: Literal["ce", "ohem"] = "ce"
+    #: OHEM keeps pixels whose true-class probability is below this
     ohem_threshold: float = 0.7
+    #: OHEM keeps at least this many pixels per batch
     ohem_min_kept: int = 200000
+    #: seed of model init, data order, augmentation
     seed: int = 0
+    #: evaluate teacher and student every N iterations (and at the end)
     eval_interval: int = 500
+    #: write a train line to metrics.jsonl every N iterations
     log_interval: int = 20
+    #: write checkpoints/last.pt every N iterations (and at the end)
     checkpoint_interval: int = 500
+    #: auto | cpu | cuda | cuda:N
     device: str = "auto"
+    #: data-loader worker processes per training process
     num_workers: int = 2
+    #: mixed precision: off | bf16 (CPU and CUDA) | fp16 (CUDA, with a GradScaler)
     amp: Literal["off", "bf16", "fp16"] = "off"
+    #: NHWC memory layout (faster convolutions on recent GPUs)
     channels_last: bool = False
+    #: SyncBatchNorm across ranks (CUDA + DDP only)
     sync_bn: bool = True
+    #: BatchNorm layers use and keep their running statistics (affine weights still train): for
+    #: tiny per-process batches, or to make W ranks × batch b exactly one process × batch W·b
+    freeze_bn: bool = False
+    #: deterministic algorithms (bitwise reproducible runs and resumes on CPU)
     deterministic: bool = False
+    #: on a non-finite loss: stop with an error, or skip the step
     nan_policy: Literal["stop", "skip"] = "stop"
+    #: also write TensorBoard scalars (needs the tensorboard package)
     tensorboard: bool = False
+    #: show a progress bar
     progress: bool = True
 
 
 @dataclass
 class EvalConfig:
+    #: whole image | center_crop | sliding window
     mode: Literal["whole", "center_crop", "sliding"] = "whole"
     #: window of sliding / centre-crop evaluation; None → data.crop_size
     crop_size: Optional[int] = None
+    #: sliding-window stride as a fraction of the window
     stride_ratio: float = 2.0 / 3.0
     #: which model `farcluss eval` and `predict` use when the checkpoint has both
     model: Literal["teacher", "student"] = "teacher"
@@ -216,6 +288,9 @@ def _coerce(value: Any, tp: Any) -> Any:
                 continue
         raise _Mismatch
     if origin is Literal:
+        if isinstance(value, bool) and not value and "off" in typing.get_args(tp):
+            # YAML 1.1 reads a bare `off` (in a file or --set) as false
+            value = "off"
         for option in typing.get_args(tp):
             if value == option and type(value) is type(option):
                 return value
@@ -453,13 +528,53 @@ def dump_config(cfg: Config, path: Union[str, Path]) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def _field_docs(cls: type) -> dict[str, str]:
+    """The ``#:`` comments written above fields in this file, by field name."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+        elif re.match(r"^[A-Za-z_]\w*\s*:", stripped):
+            name = stripped.split(":", 1)[0].strip()
+            if pending:
+                docs[name] = " ".join(pending)
+            pending = []
+        else:
+            pending = []
+    return docs
+
+
 def describe_schema() -> str:
-    """Markdown reference of every key, its type and default (docs/configuration.md)."""
-    lines = ["| key | type | default |", "|---|---|---|"]
+    """Markdown reference of every key, its type, default and meaning (docs/configuration.md)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     defaults = Config().to_dict()
     for section, cls in typing.get_type_hints(Config).items():
+        docs = _field_docs(cls)
         for name, tp in typing.get_type_hints(cls).items():
             default = defaults[section][name]
             type_text = _type_name(tp).replace("|", "\\|")
-            lines.append(f"| `{section}.{name}` | {type_text} | `{default!r}` |")
+            meaning = docs.get(name, "").replace("|", "\\|")
+            lines.append(f"| `{section}.{name}` | {type_text} | `{default!r}` | {meaning} |")
     return "\n".join(lines)
+
+
+def write_reference(path: Union[str, Path]) -> None:
+    """Regenerate docs/configuration.md (`python -m farcluss.config docs/configuration.md`)."""
+    header = (
+        "# Configuration reference\n\n"
+        "Generated from `src/farcluss/config.py` by `python -m farcluss.config docs/configuration.md`;\n"
+        "a test fails when it is out of date. Set any key in a YAML file (sections as mappings,\n"
+        "`_base_: other.yaml` to inherit) or on the command line with `--set section.key=value`\n"
+        "(values are parsed as YAML: `--set data.scale_range=[1,1]`).\n\n"
+    )
+    Path(path).write_text(header + describe_schema() + "\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_reference(sys.argv[1] if len(sys.argv) > 1 else "docs/configuration.md")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 from torch.utils.data import DataLoader
 
 from farcluss.config import Config
@@ -93,4 +94,7 @@ def eval_loader(cfg: Config, data: DataBundle, num_classes: int, env) -> DataLoa
     dataset = val_dataset(cfg, data, num_classes)
     sampler = EvalSampler(len(dataset), rank=env.rank, world_size=env.world_size)
     workers = min(cfg.train.num_workers, 2)
-    return DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers)
+    # a private generator for the worker seeds: evaluating must not advance the global torch
+    # stream, or a run evaluated at other iterations (or resumed) would draw other dropout masks
+    return DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers,
+                      generator=torch.Generator().manual_seed(0))

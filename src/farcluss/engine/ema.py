@@ -34,9 +34,9 @@ def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> N
 
     Integer buffers (BN's num_batches_tracked) are copied: an average of counters means nothing.
     """
-    for t_param, s_param in zip(teacher.parameters(), student.parameters()):
+    for t_param, s_param in zip(teacher.parameters(), student.parameters(), strict=True):
         t_param.lerp_(s_param.detach(), 1.0 - momentum)
-    for t_buf, s_buf in zip(teacher.buffers(), student.buffers()):
+    for t_buf, s_buf in zip(teacher.buffers(), student.buffers(), strict=True):
         if t_buf.dtype.is_floating_point:
             t_buf.lerp_(s_buf, 1.0 - momentum)
         else:

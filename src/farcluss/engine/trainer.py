@@ -10,13 +10,16 @@ import os
 import random
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 import farcluss
 from farcluss.config import Config, dump_config
@@ -25,10 +28,10 @@ from farcluss.data.datasets import SegmentationDataset
 from farcluss.data.sampler import InfiniteSampler
 from farcluss.data.transforms import WeakAugment
 from farcluss.engine import checkpoint as ckpt
-from farcluss.engine.distributed import DistEnv, all_reduce_sum, barrier
+from farcluss.engine.distributed import DistEnv, all_reduce_sum, barrier, report_failure
 from farcluss.engine.ema import copy_into_teacher, ema_momentum, make_teacher, update_teacher
 from farcluss.engine.optim import build_optimizer, set_poly_lr
-from farcluss.errors import ConfigError, FarclussError
+from farcluss.errors import CheckpointError, ConfigError, FarclussError
 from farcluss.evaluate import evaluate
 from farcluss.methods import build_method
 from farcluss.methods.base import Batch, LossOutput
@@ -37,6 +40,27 @@ from farcluss.models.pretrained import load_pretrained
 
 class TrainingError(FarclussError):
     """Training cannot go on (a NaN loss under nan_policy=stop, …)."""
+
+
+class WithSampleSeed(Dataset):
+    """Adds each item's sampler seed to its dict as ``"seed"`` (int64).
+
+    The seed is fixed by the item's position in the global stream, so the strong view the
+    method draws from it (`MeanTeacherMethod.teacher_view`) is the same on any rank and in any
+    batch split. It also seeds the weak crop through numpy's PCG64; the strong view draws from
+    torch's Mersenne Twister, an unrelated generator, so the two are not correlated.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple) -> dict:
+        sample = self.dataset[item]
+        sample["seed"] = torch.tensor(item[1], dtype=torch.int64)
+        return sample
 
 
 def resolve_device(name: str, env: DistEnv) -> torch.device:
@@ -119,14 +143,23 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
+        # rank 0 may have to write the built-in dataset first; the other ranks then read it
+        if data is None and self.env.distributed and not self.env.is_main:
+            barrier()
         self.data = data or build_data(cfg)
+        if data is None and self.env.distributed and self.env.is_main:
+            barrier()
         self.num_classes = len(self.data.classes)
         self.method = build_method(cfg, self.num_classes, reduce=all_reduce_sum,
                                    world_size=self.env.world_size, rank=self.env.rank)
 
+        # every global generator starts from the run seed; checkpoints carry their states on
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         student = self.method.build_student()
         if cfg.model.pretrained:
@@ -152,7 +185,8 @@ class Trainer:
         self.iteration = 0
         self.best_miou = -1.0
         self.best_iteration = -1
-        self._python_rng = random.Random(cfg.train.seed)
+        self.resumed_from: Optional[int] = None
+        self._tensorboard = None  # farcluss.report.TensorBoardLogger, opened by the first _log
         self._resume(resume)
 
     # ---- run folder ---------------------------------------------------------------------------
@@ -161,7 +195,11 @@ class Trainer:
             return
         try:
             (self.paths.root / "checkpoints").mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.paths.last.parent)
             dump_config(self.cfg, self.paths.config)
+            if self.resumed_from is not None:
+                self._record_resume()
+                return
             info = {
                 "farcluss_version": farcluss.__version__,
                 "git_revision": git_revision(),
@@ -176,7 +214,38 @@ class Trainer:
             }
             self.paths.run_info.write_text(json.dumps(info, indent=2) + "\n")
         except OSError as exc:
-            raise FarclussError(f"output folder {self.paths.root} is not writable: {exc.strerror}") from None
+            where = exc.filename or self.paths.root
+            raise FarclussError(f"output folder {self.paths.root} is not writable "
+                                f"({where}: {exc.strerror or exc})") from None
+
+    def _record_resume(self) -> None:
+        """Note the resume in run.json and drop log records past the checkpoint.
+
+        The iterations after the checkpoint are replayed exactly, so their records would appear
+        twice; the log is rewritten atomically to read as if the run had never stopped.
+        """
+        try:
+            info = json.loads(self.paths.run_info.read_text())
+        except (OSError, ValueError):
+            info = {}
+        info.setdefault("resumed_at", []).append(
+            {"iteration": self.resumed_from, "git_revision": git_revision(),
+             "farcluss_version": farcluss.__version__})
+        self.paths.run_info.write_text(json.dumps(info, indent=2) + "\n")
+        if not self.paths.metrics.is_file():
+            return
+        kept = []
+        for line in self.paths.metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # the half-written last line of a killed run
+            if int(record.get("iteration", 0)) <= self.resumed_from:
+                kept.append(line)
+        kept.append(json.dumps({"type": "resume", "iteration": self.resumed_from}))
+        tmp = self.paths.metrics.with_name(f".{self.paths.metrics.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.paths.metrics)
 
     def _unlabeled_batch_size(self) -> int:
         return self.cfg.train.unlabeled_batch_size or self.cfg.train.batch_size
@@ -186,14 +255,30 @@ class Trainer:
             return
         with self.paths.metrics.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.cfg.train.tensorboard:
+            if self._tensorboard is None:
+                from farcluss.report import TensorBoardLogger
+
+                self._tensorboard = TensorBoardLogger(self.paths.root / "tensorboard", self.data.classes)
+            self._tensorboard.log(record)
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def _checkpoint_state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "python": list(self._python_rng.getstate()[1])}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+    def _rank_states(self) -> List[dict]:
+        """Every rank's generator states (global RNGs and the method's own), indexed by rank.
+
+        Ranks draw different strong augmentations and dropout masks, so each restores its own
+        states on resume; a collective, so every rank calls it.
+        """
+        local = {"rng": ckpt.capture_rng_state(), "method": self.method.state_dict()}
+        if not self.env.distributed:
+            return [local]
+        gathered: List[Any] = [None] * self.env.world_size
+        dist.all_gather_object(gathered, local)
+        return gathered
+
+    def _checkpoint_state(self, rank_states: List[dict]) -> dict:
         return {
-            "format": 1,
+            "format": 2,
             "farcluss_version": farcluss.__version__,
             "iteration": self.iteration,
             "config": self.cfg.to_dict(),
@@ -203,15 +288,15 @@ class Trainer:
             "ema_steps": self.ema_steps,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "method": self.method.state_dict(),
             "best_miou": self.best_miou,
             "best_iteration": self.best_iteration,
-            "rng": rng,
+            "rank_states": rank_states,
         }
 
     def _save_last(self) -> None:
+        rank_states = self._rank_states()
         if self.env.is_main:
-            ckpt.save_atomic(self._checkpoint_state(), self.paths.last)
+            ckpt.save_atomic(self._checkpoint_state(rank_states), self.paths.last)
 
     def _save_best(self, miou: float) -> None:
         if not self.env.is_main:
@@ -234,39 +319,58 @@ class Trainer:
             raise FarclussError(f"--resume given but {self.paths.last} does not exist")
         if resume is False or not exists:
             return
+        source = str(self.paths.last)
         state = ckpt.load_checkpoint(self.paths.last, map_location="cpu")
-        ckpt.load_model_state(self.student, state["student"], str(self.paths.last))
-        if self.teacher is not None and state.get("teacher") is not None:
-            ckpt.load_model_state(self.teacher, state["teacher"], str(self.paths.last))
-        self.optimizer.load_state_dict(state["optimizer"])
+        missing = [key for key in ("iteration", "student", "optimizer", "rank_states")
+                   if key not in state]
+        if missing:
+            raise CheckpointError(f"cannot resume from {source}: no {', '.join(missing)} entry "
+                                  "(not a last.pt of this farcluss version; use --no-resume)")
+        try:
+            ckpt.load_model_state(self.student, state["student"], source)
+            if self.teacher is not None and state.get("teacher") is not None:
+                ckpt.load_model_state(self.teacher, state["teacher"], source)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (CheckpointError, ValueError) as error:
+            raise CheckpointError(f"cannot resume the run in {self.paths.root} with this config: "
+                                  f"{error} (start afresh with --no-resume or another --out)"
+                                  ) from None
         self.scaler.load_state_dict(state["scaler"])
-        self.method.load_state_dict(state.get("method", {}))
         self.iteration = int(state["iteration"])
         self.ema_steps = int(state.get("ema_steps", 0))
         self.best_miou = float(state.get("best_miou", -1.0))
         self.best_iteration = int(state.get("best_iteration", -1))
-        rng = state.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if "python" in rng:
-            self._python_rng.setstate((3, tuple(int(v) for v in rng["python"]), None))
+        rank_states = state["rank_states"]
+        if len(rank_states) == self.env.world_size:
+            own = rank_states[self.env.rank]
+        else:
+            own = rank_states[0]
+            if self.env.is_main:
+                warnings.warn(f"{source} was written by {len(rank_states)} process(es), this run "
+                              f"has {self.env.world_size}: the random streams will not replay "
+                              "exactly", stacklevel=2)
+        self.method.load_state_dict(own["method"])
+        ckpt.restore_rng_state(own["rng"])
         self.resumed_from = self.iteration
 
     # ---- data -----------------------------------------------------------------------------------
-    def _loader(self, dataset: SegmentationDataset, batch_size: int, stream: int) -> Iterator[dict]:
+    def _loader(self, dataset: Dataset, batch_size: int, stream: int) -> Iterator[dict]:
         t = self.cfg.train
         sampler = InfiniteSampler(len(dataset), seed=t.seed * 7 + stream, rank=self.env.rank,
                                   world_size=self.env.world_size, shuffle=True,
                                   start=self.iteration * batch_size)
+        # augmentation seeds travel with the indices; a private generator only seeds the
+        # workers, so making a loader leaves the global torch stream (dropout) untouched and
+        # a resumed run draws the same numbers as an uninterrupted one
+        worker_seeds = torch.Generator().manual_seed(t.seed * 7 + stream)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                             num_workers=t.num_workers, pin_memory=self.device.type == "cuda",
                             drop_last=True, persistent_workers=t.num_workers > 0,
-                            prefetch_factor=4 if t.num_workers > 0 else None)
+                            prefetch_factor=4 if t.num_workers > 0 else None,
+                            generator=worker_seeds)
         return iter(loader)
 
-    def _datasets(self) -> tuple[SegmentationDataset, Optional[SegmentationDataset]]:
+    def _datasets(self) -> tuple[SegmentationDataset, Optional[Dataset]]:
         d = self.cfg.data
         weak = WeakAugment(d.crop_size, scale_range=d.scale_range, flip_prob=d.flip_prob,
                            mean=d.mean, std=d.std, ignore_index=d.ignore_index)
@@ -274,8 +378,8 @@ class Trainer:
                                       mode="labeled")
         unlabeled = None
         if self.method.uses_unlabeled:
-            unlabeled = SegmentationDataset(self.data.unlabeled, self.num_classes, d.ignore_index,
-                                            weak, mode="unlabeled")
+            unlabeled = WithSampleSeed(SegmentationDataset(
+                self.data.unlabeled, self.num_classes, d.ignore_index, weak, mode="unlabeled"))
         return labeled, unlabeled
 
     def _to_batch(self, batch_l: dict, batch_u: Optional[dict]) -> Batch:
@@ -289,6 +393,7 @@ class Trainer:
         if batch_u is not None:
             batch.images_u_weak = move(batch_u["image"], True)
             batch.ignore_mask_u = move(batch_u["ignore_mask"]).long()
+            batch.seeds_u = batch_u.get("seed")
         return batch
 
     # ---- evaluation -----------------------------------------------------------------------------
@@ -315,15 +420,25 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def _check_finite(self, output: LossOutput, total: torch.Tensor) -> bool:
-        if bool(torch.isfinite(total)):
+        """False (or TrainingError under nan_policy=stop) when any rank's loss is NaN/Inf.
+
+        The flags are summed over ranks so that every rank skips or stops together: a rank that
+        skipped its backward alone would leave the others waiting in the gradient all-reduce.
+        """
+        names = list(output.terms)
+        flags = torch.stack([~torch.isfinite(output.terms[name].detach()).all() for name in names]
+                            + [~torch.isfinite(total.detach())]).float()
+        flags = all_reduce_sum(flags)
+        if not bool(flags.any()):
             return True
-        bad = [name for name, term in output.terms.items() if not bool(torch.isfinite(term).all())]
-        where = ", ".join(bad) if bad else "total"
+        bad = [name for name, flag in zip(names, flags[:-1].tolist()) if flag > 0] or ["total"]
         if self.cfg.train.nan_policy == "stop":
+            last = (f"the last good checkpoint is {self.paths.last}" if self.paths.last.is_file()
+                    else "no checkpoint was written yet")
             raise TrainingError(
-                f"non-finite loss at iteration {self.iteration + 1} in term(s) {where}; "
-                f"the last good checkpoint is {self.paths.last} (train.nan_policy=skip skips such steps)")
-        self._log({"type": "skip", "iteration": self.iteration + 1, "non_finite": bad or ["total"]})
+                f"non-finite loss at iteration {self.iteration + 1} in term(s) {', '.join(bad)}; "
+                f"{last} (train.nan_policy=skip skips such steps)")
+        self._log({"type": "skip", "iteration": self.iteration + 1, "non_finite": bad})
         return False
 
     def train_step(self, batch: Batch) -> LossOutput:
@@ -335,11 +450,24 @@ class Trainer:
             copy_into_teacher(self.teacher, self.student)
             self.ema_steps = 0
         self.student_ddp.train()
+        if cfg.train.freeze_bn:
+            for module in self.student.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        # the forward pass itself writes buffers (BN statistics, prototypes, class counts); a
+        # skipped step puts them back so one bad batch cannot poison the rest of the run
+        saved_buffers = ([buffer.detach().clone() for buffer in self.student.buffers()]
+                         if cfg.train.nan_policy == "skip" else None)
         with autocast_context(self.device, cfg.train.amp):
             output = self.method.losses(batch, self.student_ddp, self.teacher, self.iteration)
             total = output.total()
         self.optimizer.zero_grad(set_to_none=True)
-        if self._check_finite(output, total):
+        finite = self._check_finite(output, total)
+        if not finite and saved_buffers is not None:
+            with torch.no_grad():
+                for buffer, saved in zip(self.student.buffers(), saved_buffers):
+                    buffer.copy_(saved)
+        if finite:
             self.scaler.scale(total).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -352,6 +480,15 @@ class Trainer:
         return output
 
     def fit(self) -> Dict[str, Any]:
+        try:
+            return self._fit()
+        except BaseException as exc:
+            if self.env.distributed:
+                # leave the group so the other ranks fail at their next collective, not hang
+                report_failure(self.env, f"at iteration {self.iteration + 1}", exc)
+            raise
+
+    def _fit(self) -> Dict[str, Any]:
         cfg = self.cfg
         t = cfg.train
         self._prepare_run_folder()

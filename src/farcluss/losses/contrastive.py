@@ -25,6 +25,11 @@ import torch.nn.functional as F
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _no_autocast(like: torch.Tensor):
+    """Keep the products below in float32 under `torch.autocast` (which would run them in bf16/fp16)."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
 def contrastive_labels(
     gt_labels: torch.Tensor | None,
     pseudo_labels: torch.Tensor,
@@ -129,7 +134,8 @@ def prototype_sums(
     labeled = (labels >= 0) & (labels < num_classes)
     class_of = torch.where(labeled, labels, torch.full_like(labels, num_classes))
     one_hot = F.one_hot(class_of, num_classes + 1)[:, :num_classes].float()
-    sums = one_hot.t() @ embeddings.float()
+    with _no_autocast(embeddings):
+        sums = one_hot.t() @ embeddings.float()
     return sums, one_hot.sum(dim=0)
 
 
@@ -140,9 +146,9 @@ def global_prototypes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch prototypes over all ranks: μ_c = normalise(Σ_ranks S_c) for classes with n_c > 0.
 
-    Normalising the sum equals normalising the mean. Other ranks' sums enter as constants:
-    the gradient reaches this rank's own pixels (the reduction is applied straight-through,
-    whether or not `reduce` itself is differentiable).
+    Normalising the sum equals normalising the mean. The gradient flows through `reduce`: with
+    `engine.distributed.all_reduce_sum` every rank's pixels receive the gradient of every
+    rank's loss, which under DDP's gradient average is the single-process gradient.
 
     Args:
         batch_sums: C×D sums from `prototype_sums`.
@@ -156,8 +162,7 @@ def global_prototypes(
     sums = batch_sums.float()
     counts = batch_counts.detach().float()
     if reduce is not None:
-        local = sums.detach()
-        sums = sums + (reduce(local.clone()) - local)
+        sums = reduce(sums)
         counts = reduce(counts.clone())
     # An absent class has a zero sum, which F.normalize keeps as a zero row.
     return F.normalize(sums, dim=1), counts > 0
@@ -203,6 +208,7 @@ def prototype_contrastive_loss(
     bank: torch.Tensor,
     bank_initialized: torch.Tensor,
     temperature: float = 0.1,
+    pixel_count: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pull pixels to their class prototype, push prototypes apart.
 
@@ -224,6 +230,9 @@ def prototype_contrastive_loss(
         batch_prototypes, present: from `global_prototypes`.
         bank, bank_initialized: the EMA prototype bank and its mask.
         temperature: τ > 0.
+        pixel_count: maps the number of usable pixels here to the divisor of L_pull; identity
+            if None. Under DDP pass the global count / world size
+            (`MeanTeacherMethod.global_count`) so the ranks' losses average to the global mean.
 
     Returns:
         (scalar L_con, stats {"pull", "push", "num_prototypes"} as detached 0-d tensors).
@@ -236,20 +245,25 @@ def prototype_contrastive_loss(
         present[:, None], batch_prototypes.float(), bank.detach().float()
     )
 
-    similarities = embeddings @ prototypes.t() / temperature
+    with _no_autocast(embeddings):
+        similarities = embeddings @ prototypes.t() / temperature
     similarities = similarities.masked_fill(~available[None, :], float("-inf"))
     labeled = (labels >= 0) & (labels < num_classes)
     safe_labels = torch.where(labeled, labels, torch.zeros_like(labels))
     usable = labeled & available[safe_labels]
     usable_similarities = similarities[usable]
+    num_usable = usable.sum()
+    divisor = pixel_count(num_usable) if pixel_count is not None else num_usable
     if usable_similarities.shape[0] > 0:
-        pull = F.cross_entropy(usable_similarities, safe_labels[usable])
+        pull = F.cross_entropy(usable_similarities, safe_labels[usable], reduction="sum")
+        pull = pull / divisor.float().clamp_min(1.0)
     else:
         pull = embeddings.sum() * 0.0
 
     pair_mask = available[:, None] & available[None, :]
     pair_mask &= ~torch.eye(num_classes, dtype=torch.bool, device=pair_mask.device)
-    overlaps = (prototypes @ prototypes.t()).clamp_min(0.0)
+    with _no_autocast(prototypes):
+        overlaps = (prototypes @ prototypes.t()).clamp_min(0.0)
     overlaps = torch.where(pair_mask, overlaps, torch.zeros_like(overlaps))
     push = overlaps.sum() / pair_mask.sum().clamp_min(1)
 

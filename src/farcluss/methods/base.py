@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from farcluss.augment import StrongAugment, apply_cutmix, cutmix_masks, cutmix_partners
+from farcluss.augment import (CUTMIX_DRAWS, STRONG_AUGMENT_DRAWS, StrongAugment, apply_cutmix,
+                               cutmix_masks, cutmix_masks_from_uniform, cutmix_partners,
+                               cutmix_partners_from_keys, per_sample_uniform)
 from farcluss.config import Config
 from farcluss.losses.ce import cross_entropy, ohem_cross_entropy
 from farcluss.models import build_model
@@ -32,6 +34,8 @@ class Batch:
     images_u_weak: Optional[Tensor] = None
     #: ignore_index on crop padding, 0 elsewhere
     ignore_mask_u: Optional[Tensor] = None
+    #: int64 (B_u,) sampler seeds of the unlabeled images; their strong views are drawn from them
+    seeds_u: Optional[Tensor] = None
 
 
 @dataclass
@@ -141,7 +145,8 @@ class MeanTeacherMethod(Method):
             jitter_prob=a.jitter_prob, grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob,
             blur_sigma=a.blur_sigma, mean=cfg.data.mean, std=cfg.data.std,
         )
-        # strong-view randomness is per rank and saved in checkpoints (exact resume)
+        # For batches without sampler seeds (training always has them) and for methods' other
+        # draws; per rank and saved in checkpoints.
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000003 + 7919 * rank + 1)
 
     def state_dict(self) -> dict:
@@ -161,18 +166,34 @@ class MeanTeacherMethod(Method):
 
     @torch.no_grad()
     def teacher_view(self, teacher: nn.Module, batch: Batch) -> UnlabeledView:
-        """Teacher probabilities on the weak view; the strong view and targets share CutMix boxes."""
+        """Teacher probabilities on the weak view; the strong view and targets share CutMix boxes.
+
+        With ``batch.seeds_u`` every image draws its strong-view parameters, CutMix box and
+        CutMix ordering key from its own seeded stream, so the view of an image is the same
+        whichever rank holds it and however the global batch is split (DDP ≡ one process).
+        """
         assert batch.images_u_weak is not None and batch.ignore_mask_u is not None
         teacher_logits = teacher(batch.images_u_weak)[0]
         teacher_probs = torch.softmax(teacher_logits.float(), dim=1)
-        images_u_strong = self.strong_augment(batch.images_u_weak, self.generator)
         a = self.cfg.augment
-        b, _, h, w = images_u_strong.shape
-        box_mask = cutmix_masks(b, h, w, prob=a.cutmix_prob, area=a.cutmix_area,
-                                aspect=a.cutmix_aspect, generator=self.generator)
-        partners = cutmix_partners(b, self.generator)
-        box_mask = box_mask.to(images_u_strong.device)
-        partners = partners.to(images_u_strong.device)
+        b, _, h, w = batch.images_u_weak.shape
+        device = batch.images_u_weak.device
+        if batch.seeds_u is not None:
+            uniform = per_sample_uniform(batch.seeds_u, STRONG_AUGMENT_DRAWS + CUTMIX_DRAWS + 1)
+            strong_uniform, box_uniform, partner_keys = uniform.split(
+                [STRONG_AUGMENT_DRAWS, CUTMIX_DRAWS, 1], dim=1)
+            params = self.strong_augment.params_from_uniform(strong_uniform).to(device)
+            images_u_strong = self.strong_augment.apply(batch.images_u_weak, params)
+            box_mask = cutmix_masks_from_uniform(box_uniform, h, w, prob=a.cutmix_prob,
+                                                 area=a.cutmix_area, aspect=a.cutmix_aspect,
+                                                 device=device)
+            # the partner is another image of the local batch: this alone depends on the split
+            partners = cutmix_partners_from_keys(partner_keys).to(device)
+        else:
+            images_u_strong = self.strong_augment(batch.images_u_weak, self.generator)
+            box_mask = cutmix_masks(b, h, w, prob=a.cutmix_prob, area=a.cutmix_area,
+                                    aspect=a.cutmix_aspect, generator=self.generator).to(device)
+            partners = cutmix_partners(b, self.generator).to(device)
         images_u_strong = apply_cutmix(images_u_strong, box_mask, partners)
         teacher_probs = apply_cutmix(teacher_probs, box_mask, partners)
         ignore_mask = apply_cutmix(batch.ignore_mask_u, box_mask, partners)

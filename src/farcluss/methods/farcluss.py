@@ -15,14 +15,17 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from farcluss.config import resolved_threshold
-from farcluss.losses.contrastive import (downsample_labels, global_prototypes,
-                                         prototype_contrastive_loss, prototype_sums,
-                                         sample_pixels_per_class, update_prototype_bank)
+from farcluss.config import Config, resolved_threshold
+from farcluss.errors import ConfigError
+from farcluss.losses.contrastive import (contrastive_labels, downsample_labels,
+                                         global_prototypes, prototype_contrastive_loss,
+                                         prototype_sums, sample_pixels_per_class,
+                                         update_prototype_bank)
 from farcluss.losses.fuzzy import fuzzy_targets, soft_cross_entropy
 from farcluss.losses.rebalance import class_counts, class_weights, ema_counts
 from farcluss.losses.weighting import pixel_weights
-from farcluss.methods.base import Batch, LossOutput, MeanTeacherMethod, confidence_stats
+from farcluss.methods.base import (Batch, LossOutput, MeanTeacherMethod, Reduce, _identity,
+                                   confidence_stats)
 
 
 class FarclussState(nn.Module):
@@ -43,8 +46,29 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def class_weight_range(weights_c: Tensor, present: Tensor) -> Dict[str, Tensor]:
+    """Smallest and largest weight over the classes present in the batch (1 when none is)."""
+    # masked reductions rather than indexing, so the log costs no device synchronisation
+    inf = torch.full_like(weights_c, float("inf"))
+    one = torch.ones_like(weights_c[0])
+    smallest = torch.where(present, weights_c, inf).min()
+    largest = torch.where(present, weights_c, -inf).max()
+    any_present = present.any()
+    return {"class_weight_min": torch.where(any_present, smallest, one),
+            "class_weight_max": torch.where(any_present, largest, one)}
+
+
 class Farcluss(MeanTeacherMethod):
     name = "farcluss"
+
+    def __init__(self, cfg: Config, num_classes: int, reduce: Reduce = _identity,
+                 world_size: int = 1, rank: int = 0):
+        super().__init__(cfg, num_classes, reduce, world_size, rank)
+        # config validation checks this when the class count is in the config; a class list
+        # read from a file is only known here, before the first iteration
+        if cfg.method.top_k > num_classes:
+            raise ConfigError(f"config key 'method.top_k' is {cfg.method.top_k} but there are "
+                              f"only {num_classes} classes")
 
     @property
     def contrastive_on(self) -> bool:
@@ -73,10 +97,11 @@ class Farcluss(MeanTeacherMethod):
         if threshold > 0:
             kept = kept & (teacher_probs.max(dim=1).values >= threshold)
 
-        counts = class_counts(pseudo_labels, kept, self.num_classes, reduce=self.reduce)
+        batch_counts = class_counts(pseudo_labels, kept, self.num_classes, reduce=self.reduce)
+        counts = batch_counts
         if m.rebalance == "ema":
             previous = state.class_count_ema if bool(state.class_count_ema_initialized) else None
-            counts = ema_counts(previous, counts, m.rebalance_momentum)
+            counts = ema_counts(previous, batch_counts, m.rebalance_momentum)
             state.class_count_ema.copy_(counts)
             state.class_count_ema_initialized.fill_(True)
         if m.rebalance == "off":
@@ -90,16 +115,17 @@ class Farcluss(MeanTeacherMethod):
         else:
             per_pixel = soft_cross_entropy(logits_u, targets)
             class_factor = weights_c[pseudo_labels]
+        # where, not a product with the mask: a non-finite loss on a padded pixel must not leak
+        weighted = torch.where(kept, weights_u * class_factor * per_pixel,
+                               torch.zeros_like(per_pixel))
         n_valid = self.global_count(valid_mask.sum())
-        loss = (weights_u * class_factor * per_pixel * kept).sum() / n_valid.clamp_min(1.0)
+        loss = weighted.sum() / n_valid.clamp_min(1.0)
 
-        present = counts > 0
         stats = confidence_stats(teacher_probs, valid_mask)
         n_local_valid = valid_mask.sum().clamp_min(1)
         stats["pixel_weight_mean"] = (weights_u * valid_mask).sum() / n_local_valid
-        stats["class_weight_min"] = torch.where(present, weights_c, torch.full_like(weights_c, float("inf"))).min()
-        stats["class_weight_max"] = torch.where(present, weights_c, torch.zeros_like(weights_c)).max()
-        stats["pseudo_label_frequency"] = counts / counts.sum().clamp_min(1.0)
+        stats.update(class_weight_range(weights_c, counts > 0))
+        stats["pseudo_label_frequency"] = batch_counts / batch_counts.sum().clamp_min(1.0)
         return loss, pseudo_labels, weights_u, stats
 
     # ---- the contrastive loss -------------------------------------------------------------------
@@ -122,6 +148,7 @@ class Farcluss(MeanTeacherMethod):
         loss, stats = prototype_contrastive_loss(
             flat_embeddings, flat_labels, batch_prototypes, present, state.prototypes,
             state.prototype_initialized, temperature=m.contrastive_temperature,
+            pixel_count=self.global_count,
         )
         with torch.no_grad():
             bank, initialized = update_prototype_bank(
@@ -137,9 +164,9 @@ class Farcluss(MeanTeacherMethod):
         """Ground truth on labeled pixels; argmax q on unlabeled pixels with u(x) > 0.5."""
         if pseudo_labels is None:
             return masks_l
-        confident = valid_u & (weights_u > self.cfg.method.contrastive_weight_threshold)
-        labels_u = torch.where(confident, pseudo_labels, torch.full_like(pseudo_labels, self.ignore_index))
-        return torch.cat([masks_l, labels_u])
+        return contrastive_labels(masks_l, pseudo_labels, weights_u,
+                                  weight_threshold=self.cfg.method.contrastive_weight_threshold,
+                                  ignore_index=self.ignore_index, valid_mask=valid_u)
 
     # ---- one iteration ------------------------------------------------------------------------
     def losses(self, batch: Batch, student: nn.Module, teacher: Optional[nn.Module],

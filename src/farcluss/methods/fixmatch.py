@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from farcluss.config import resolved_threshold
+from farcluss.losses.rebalance import class_counts
 from farcluss.methods.base import (Batch, LossOutput, MeanTeacherMethod, confidence_stats,
                                    hard_pseudo_labels, pixel_ce)
 
@@ -36,6 +37,8 @@ class FixMatch(MeanTeacherMethod):
 
         stats = confidence_stats(view.teacher_probs, view.valid_mask)
         stats["kept_fraction"] = kept.sum() / view.valid_mask.sum().clamp_min(1)
+        counts = class_counts(pseudo_labels, kept, self.num_classes, reduce=self.reduce)
+        stats["pseudo_label_frequency"] = counts / counts.sum().clamp_min(1.0)
         return LossOutput(
             terms={"sup": loss_sup, "unsup": loss_unsup},
             weights={"sup": 1.0, "unsup": self.ramp_weight(iteration)},

@@ -1,0 +1,300 @@
+"""`farcluss bench accuracy`: every method × seed at equal iterations, and the rare-class metric.
+
+Every run uses the config's own schedule (``train.iterations``) so methods compare at one budget;
+only the method name, the seed and — for ``supervised_full`` — the labeled list change between
+runs. ``supervised_full`` trains the supervised baseline on every train image with a mask: the
+ceiling that unlabeled data can at best approach.
+
+The "rare" classes are the 3 object classes (every class but a background class) with the fewest
+labeled pixels in the config's labeled list, counted from the masks; their mean IoU is reported
+beside the mIoU because a long-tailed dataset hides what happens to them in the mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from farcluss.config import Config, config_from_dict, load_config
+from farcluss.data.splits import Sample
+from farcluss.errors import ConfigError, DataError, FarclussError
+
+BENCH_METHODS = ("supervised", "fixmatch", "farcluss", "supervised_full")
+DEFAULT_METHODS = BENCH_METHODS
+DEFAULT_SEEDS = (0, 1, 2)
+RARE_CLASS_COUNT = 3
+#: the results document inside the output folder (also written to --json)
+RESULTS_FILE = "bench_accuracy.json"
+
+#: class names treated as background (not an object class) when choosing the rare classes
+BACKGROUND_NAMES = frozenset({"background", "_background_", "bg", "backdrop"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Rare classes
+# ---------------------------------------------------------------------------------------------
+
+
+def labeled_pixel_counts(samples: Sequence[Sample], num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """Per-class pixel counts (int64, length `num_classes`) over the masks of `samples`;
+    ignored pixels are not counted."""
+    from farcluss.data.io import load_mask
+
+    counts = np.zeros(num_classes, np.int64)
+    for sample in samples:
+        if sample.mask is None:
+            raise DataError(f"labeled sample {sample.image} has no mask")
+        mask = load_mask(sample.mask, num_classes, ignore_index)
+        counts += np.bincount(mask[mask != ignore_index].ravel().astype(np.int64), minlength=num_classes)
+    return counts
+
+
+def rarest_object_classes(pixel_counts: Sequence[int], class_names: Sequence[str],
+                          count: int = RARE_CLASS_COUNT) -> List[int]:
+    """Indices of the `count` object classes with the fewest pixels, rarest first.
+
+    Background classes (by name, see `BACKGROUND_NAMES`) are excluded; ties go to the lower
+    index. A class with no labeled pixel at all is the rarest there is and is included.
+    """
+    if len(pixel_counts) != len(class_names):
+        raise ValueError(f"{len(pixel_counts)} pixel counts for {len(class_names)} class names")
+    objects = [i for i, name in enumerate(class_names) if name.strip().lower() not in BACKGROUND_NAMES]
+    return sorted(objects, key=lambda i: (int(pixel_counts[i]), i))[:count]
+
+
+def rare_classes_of(cfg: Config) -> Tuple[List[int], List[str], np.ndarray]:
+    """(indices, names, all per-class labeled pixel counts) of the rare classes of a config's data."""
+    from farcluss.data.build import build_data
+
+    data = build_data(cfg, need_unlabeled=False)
+    counts = labeled_pixel_counts(data.labeled, len(data.classes), cfg.data.ignore_index)
+    indices = rarest_object_classes(counts, data.classes)
+    return indices, [data.classes[i] for i in indices], counts
+
+
+def mean_iou_over(per_class_iou: Sequence[Optional[float]], indices: Sequence[int]) -> Optional[float]:
+    """Mean IoU of the classes `indices`; a class without an IoU (absent from ground truth and
+    predictions) is left out, as in the mIoU; None when none of them has one."""
+    values = [per_class_iou[i] for i in indices if per_class_iou[i] is not None]
+    return float(np.mean(values)) if values else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
+
+
+def derive_config(cfg: Config, changes: Dict[str, Any]) -> Config:
+    """A validated copy of `cfg` with dotted keys replaced, e.g. {"train.seed": 1}."""
+    tree = cfg.to_dict()
+    for key, value in changes.items():
+        section, name = key.split(".")
+        tree[section][name] = value
+    return config_from_dict(tree)
+
+
+def judged_metrics(final: Dict[str, dict]) -> Tuple[str, dict]:
+    """(model name, metrics) a method is judged by: the teacher when there is one, else the student."""
+    name = "teacher" if final.get("teacher") is not None else "student"
+    return name, final[name]
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """A benchmark run must start afresh: refuse a folder that already holds a run."""
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+        raise FarclussError(f"{run_dir} already holds a run; choose another --out")
+
+
+def train_run(cfg: Config, run_dir: Path) -> Tuple[Dict[str, Any], float]:
+    """Train one config in this process; returns the trainer's summary and the wall seconds."""
+    from farcluss.engine.trainer import Trainer
+
+    check_fresh_run_dir(run_dir)
+    start = time.perf_counter()
+    summary = Trainer(cfg, run_dir, resume=False).fit()
+    return summary, time.perf_counter() - start
+
+
+def full_label_list(cfg: Config, work_dir: Path) -> Path:
+    """The list of every train image with a mask, for ``supervised_full``.
+
+    The built-in benchmark ships it (``splits/train_full.txt``). For other data it is the union
+    of the labeled list and the unlabeled lines that give a mask, written to
+    ``work_dir/train_full.txt`` with absolute paths.
+    """
+    from farcluss.data.benchmark import benchmark_is_complete
+    from farcluss.data.build import dataset_root
+    from farcluss.data.splits import read_split
+
+    root = dataset_root(cfg)
+    shipped = root / "splits" / "train_full.txt"
+    if benchmark_is_complete(root) and shipped.is_file():
+        return shipped.resolve()
+    labeled_path, unlabeled_path = (_under(root, cfg.data.labeled), _under(root, cfg.data.unlabeled))
+    labeled = read_split(labeled_path, root, require_mask=True)
+    unlabeled = read_split(unlabeled_path, root, require_mask=False)
+    with_masks = [s for s in unlabeled if s.mask is not None]
+    if not with_masks:
+        raise DataError(f"supervised_full needs masks for the unlabeled images, but {unlabeled_path} "
+                        "gives none (lines 'image mask'); leave supervised_full out of --methods")
+    if len(with_masks) < len(unlabeled):
+        print(f"supervised_full: {len(unlabeled) - len(with_masks)} of {len(unlabeled)} unlabeled "
+              f"images in {unlabeled_path} have no mask and are left out")
+    seen = set()
+    lines = []
+    for sample in labeled + with_masks:
+        image = Path(sample.image).resolve()
+        if image in seen:
+            continue
+        seen.add(image)
+        lines.append(f"{image} {Path(sample.mask).resolve()}\n")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / "train_full.txt"
+    path.write_text("".join(lines), encoding="utf-8")
+    return path.resolve()
+
+
+def _under(root: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def method_changes(method: str, seed: int, full_list: Optional[Path]) -> Dict[str, Any]:
+    if method == "supervised_full":
+        if full_list is None:
+            raise ValueError("supervised_full needs the full label list")
+        return {"method.name": "supervised", "train.seed": seed, "data.labeled": str(full_list)}
+    return {"method.name": method, "train.seed": seed}
+
+
+def summarize(results: Sequence[dict], methods: Sequence[str]) -> List[dict]:
+    """Mean and (sample) standard deviation of the mIoU per method, and the mean rare-class IoU;
+    a standard deviation needs two seeds (None otherwise)."""
+    rows = []
+    for method in methods:
+        mious = [r["miou"] for r in results if r["method"] == method and r["miou"] is not None]
+        rares = [r["rare_miou"] for r in results if r["method"] == method and r["rare_miou"] is not None]
+        rows.append({
+            "method": method,
+            "miou_mean": statistics.fmean(mious) if mious else None,
+            "miou_std": statistics.stdev(mious) if len(mious) > 1 else None,
+            "rare_miou_mean": statistics.fmean(rares) if rares else None,
+        })
+    return rows
+
+
+def _num(value: Optional[float], width: int = 6) -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value:{width}.2f}"
+
+
+def format_accuracy_table(summary: Sequence[dict], rare_names: Sequence[str], seeds: Sequence[int]) -> str:
+    lines = [f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}; rare classes: {', '.join(rare_names)}",
+             f"{'method':<16} {'mIoU mean ± std':>17} {'rare mIoU':>10}"]
+    for row in summary:
+        std = "   n/a" if row["miou_std"] is None else f"{row['miou_std']:6.2f}"
+        lines.append(f"{row['method']:<16} {_num(row['miou_mean'], 8)} ± {std} {_num(row['rare_miou_mean'], 10)}")
+    return "\n".join(lines)
+
+
+def run_accuracy(config_path, methods: Sequence[str] = DEFAULT_METHODS, seeds: Sequence[int] = DEFAULT_SEEDS,
+                 overrides: Sequence[str] = (), out_dir=None) -> Dict[str, Any]:
+    """Train every method × seed of a config at its iterations; returns the JSON document."""
+    unknown = [m for m in methods if m not in BENCH_METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method '{unknown[0]}' in --methods (choose from {', '.join(BENCH_METHODS)})")
+    if not methods or not seeds:
+        raise ConfigError("bench accuracy needs at least one method and one seed")
+    base = load_config(config_path, list(overrides))
+    out = Path(out_dir) if out_dir is not None else Path("runs") / (
+        f"bench-{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    rare_indices, rare_names, _ = rare_classes_of(base)
+    full_list = full_label_list(base, out) if "supervised_full" in methods else None
+    print(f"rare classes (fewest labeled pixels): {', '.join(rare_names)}")
+
+    config_record = {"path": str(config_path), "overrides": list(overrides),
+                     "iterations": base.train.iterations, "out": str(out), "resolved": base.to_dict()}
+    results: List[dict] = []
+
+    def document() -> Dict[str, Any]:
+        return {"results": results, "summary": summarize(results, methods),
+                "rare_classes": rare_names, "config": config_record}
+
+    total = len(methods) * len(seeds)
+    for seed in seeds:
+        for method in methods:
+            cfg = derive_config(base, method_changes(method, seed, full_list))
+            summary, seconds = train_run(cfg, out / f"{method}-seed{seed}")
+            _, metrics = judged_metrics(summary["final"])
+            per_class = metrics["per_class_iou"]
+            names = metrics.get("class_names") or [str(i) for i in range(len(per_class))]
+            result = {
+                "method": method,
+                "seed": seed,
+                "miou": metrics["miou"],
+                "rare_miou": mean_iou_over(per_class, rare_indices),
+                "per_class_iou": dict(zip(names, per_class)),
+                "seconds": round(seconds, 2),
+            }
+            results.append(result)
+            print(f"[{len(results)}/{total}] {method} seed {seed}: mIoU {_num(result['miou']).strip()}, "
+                  f"rare mIoU {_num(result['rare_miou']).strip()} ({seconds:.0f} s)")
+            # rewritten after every run: hours of finished runs survive a later failure
+            write_json(out / RESULTS_FILE, document())
+    return document()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _csv(text: str) -> List[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _seed_list(text: str) -> List[int]:
+    try:
+        seeds = [int(item) for item in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: seeds must be comma-separated integers") from None
+    if any(seed < 0 for seed in seeds):
+        raise argparse.ArgumentTypeError(f"{text}: seeds must be >= 0")
+    return seeds
+
+
+def write_json(path: Path, document: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def cmd_accuracy(args: argparse.Namespace) -> int:
+    document = run_accuracy(args.config, _csv(args.methods), args.seeds, args.overrides, args.out)
+    results_path = Path(document["config"]["out"]) / RESULTS_FILE
+    if args.json:
+        write_json(Path(args.json), document)
+    print(format_accuracy_table(document["summary"], document["rare_classes"], args.seeds))
+    print(f"results: {args.json or results_path}")
+    return 0
+
+
+def register_command(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks of the methods")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    q = bench_sub.add_parser("accuracy", help="every method × seed at equal iterations: mIoU mean ± std")
+    q.add_argument("config", help="YAML config (its data, model and schedule are used by every method)")
+    q.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, from {','.join(BENCH_METHODS)} (default all)")
+    q.add_argument("--seeds", type=_seed_list, default=list(DEFAULT_SEEDS), help="comma-separated (default 0,1,2)")
+    q.add_argument("--json", default=None, help="also write the results document here")
+    q.add_argument("--out", default=None, help="folder of the runs (default runs/bench-<config>-<time>)")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every run (repeatable)")
+    q.set_defaults(func=cmd_accuracy)

@@ -1,0 +1,499 @@
+"""Reports of training runs: PNG plots, a prediction grid, an HTML page, and TensorBoard scalars.
+
+`farcluss report RUN_DIR` reads what a run folder holds (``metrics.jsonl``, ``config.yaml``,
+``checkpoints/best.pt``) and writes into ``RUN_DIR/report`` (or ``--out``)::
+
+    losses.png          every loss term over iterations
+    miou.png            validation mIoU over iterations, teacher vs student
+    per_class_iou.png   per-class IoU of the main model at the last and at the best evaluation
+    predictions.png     validation images, ground truth and predictions
+    index.html          a page showing them, with the final metrics
+
+The plotting helpers take plain Python data so that `farcluss demo` reuses them to compare
+methods. Figures are drawn with matplotlib's object API on the Agg canvas (no GUI, no global
+backend switch). :class:`TensorBoardLogger` mirrors the metric records into TensorBoard when the
+config sets ``train.tensorboard`` (the trainer calls it from its log path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import yaml
+
+from farcluss.errors import CheckpointError, FarclussError
+from farcluss.palette import IGNORE_COLOUR, class_colours
+
+MetricRecord = Dict[str, Any]
+
+#: iterations and mIoU values of one line in a curve plot
+Curve = Tuple[Sequence[int], Sequence[float]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run folder
+# ---------------------------------------------------------------------------------------------
+
+
+def read_metrics(path) -> List[MetricRecord]:
+    """The records of a ``metrics.jsonl`` file; a torn last line (run killed mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FarclussError(f"metrics file {path} not found: is this a farcluss run folder?")
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue
+            raise FarclussError(f"{path}:{number} is not a JSON record") from None
+    return records
+
+
+def train_records(records: Sequence[MetricRecord]) -> List[MetricRecord]:
+    return [r for r in records if r.get("type") == "train"]
+
+
+def eval_records(records: Sequence[MetricRecord], model: Optional[str] = None) -> List[MetricRecord]:
+    return [r for r in records if r.get("type") == "eval" and (model is None or r.get("model") == model)]
+
+
+def main_model(records: Sequence[MetricRecord]) -> str:
+    """The model a run is judged by: the teacher when the method has one, else the student."""
+    return "teacher" if eval_records(records, "teacher") else "student"
+
+
+def miou_curve(records: Sequence[MetricRecord], model: str) -> Curve:
+    """(iterations, mIoU) of every evaluation of `model` (a resumed run may repeat iterations:
+    the latest value wins)."""
+    by_iteration: Dict[int, float] = {}
+    for record in eval_records(records, model):
+        if record.get("miou") is not None:
+            by_iteration[int(record["iteration"])] = float(record["miou"])
+    iterations = sorted(by_iteration)
+    return iterations, [by_iteration[i] for i in iterations]
+
+
+def median_seconds_per_iteration(records: Sequence[MetricRecord]) -> Optional[float]:
+    """Median of the logged per-window step times; the first window (worker start-up, allocator
+    warm-up) is left out when there are others."""
+    times = [float(r["seconds_per_iteration"]) for r in train_records(records)
+             if r.get("seconds_per_iteration") is not None]
+    if len(times) > 1:
+        times = times[1:]
+    return statistics.median(times) if times else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Colours
+# ---------------------------------------------------------------------------------------------
+
+
+def colourise(mask: np.ndarray, colours: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """An ``H×W`` index mask → ``H×W×3`` uint8 image in `colours` (``farcluss.palette``);
+    `ignore_index` pixels get the palette's ignore colour, whatever that index is."""
+    mask = np.asarray(mask)
+    out = np.empty(mask.shape + (3,), np.uint8)
+    out[...] = IGNORE_COLOUR
+    valid = (mask != ignore_index) & (mask >= 0) & (mask < len(colours))
+    out[valid] = colours[mask[valid]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def loss_terms(records: Sequence[MetricRecord]) -> List[str]:
+    """Names of the logged loss terms (``loss_sup``…) in first-seen order, the total ``loss`` last."""
+    names: List[str] = []
+    for record in train_records(records):
+        for key in record:
+            if key.startswith("loss_") and key not in names:
+                names.append(key)
+    if any("loss" in r for r in train_records(records)):
+        names.append("loss")
+    return names
+
+
+def plot_loss_terms(records: Sequence[MetricRecord], path) -> Path:
+    """One panel per loss term (own y scale: terms differ by orders of magnitude) over iterations."""
+    names = loss_terms(records)
+    if not names:
+        raise FarclussError("the run logged no training losses yet")
+    figure = _new_figure(3.2 * len(names), 2.8)
+    axes = figure.subplots(1, len(names), squeeze=False)[0]
+    rows = train_records(records)
+    for ax, name in zip(axes, names):
+        points = [(r["iteration"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+        if points:
+            iterations, values = zip(*points)
+            ax.plot(iterations, values, linewidth=1.2)
+        ax.set_title("total" if name == "loss" else name[len("loss_"):])
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss")
+    return _save(figure, path)
+
+
+def plot_miou_curves(curves: Mapping[str, Curve], path, title: str = "validation mIoU") -> Path:
+    """One line per label, e.g. {"teacher": (iterations, mious), "student": …}."""
+    figure = _new_figure(5.5, 3.6)
+    ax = figure.subplots()
+    for label, (iterations, values) in curves.items():
+        if len(iterations):
+            ax.plot(iterations, values, marker="o", markersize=3, linewidth=1.4, label=label)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend()
+    return _save(figure, path)
+
+
+def plot_class_iou_bars(series: Mapping[str, Sequence[Optional[float]]], class_names: Sequence[str],
+                        path, title: str = "per-class IoU",
+                        highlight: Sequence[int] = ()) -> Path:
+    """Grouped bars: one group per class, one bar per label. Classes with no IoU (absent from
+    ground truth and predictions) have no bar; `highlight` names are drawn in bold (rare classes)."""
+    labels = list(series)
+    positions = np.arange(len(class_names))
+    width = 0.8 / max(len(labels), 1)
+    figure = _new_figure(max(5.0, 0.55 * len(class_names) * max(1, len(labels)) ** 0.5 + 2), 3.8)
+    ax = figure.subplots()
+    for offset, label in enumerate(labels):
+        values = series[label]
+        shown = [(p, v) for p, v in zip(positions, values) if v is not None]
+        if shown:
+            xs, heights = zip(*shown)
+            ax.bar(np.asarray(xs) + (offset - (len(labels) - 1) / 2) * width, heights, width,
+                   label=label)
+    ax.set_xticks(positions, list(class_names), rotation=45, ha="right")
+    for index in highlight:
+        ax.get_xticklabels()[index].set_fontweight("bold")
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    if len(labels) > 1:
+        ax.legend()
+    return _save(figure, path)
+
+
+def save_prediction_grid(images: Sequence[np.ndarray], ground_truth: Sequence[np.ndarray],
+                         predictions: Mapping[str, Sequence[np.ndarray]], class_names: Sequence[str],
+                         path, ignore_index: int = 255, row_names: Sequence[str] = ()) -> Path:
+    """Rows of [image, ground truth, one column per prediction set], with a colour legend."""
+    from matplotlib.patches import Patch
+
+    colours = class_colours(len(class_names))
+    columns = ["image", "ground truth", *predictions]
+    rows = len(images)
+    if rows == 0:
+        raise FarclussError("no validation images to show")
+    figure = _new_figure(1.7 * len(columns), 1.7 * rows + 0.6)
+    axes = figure.subplots(rows, len(columns), squeeze=False)
+    for row in range(rows):
+        panels = [images[row], colourise(ground_truth[row], colours, ignore_index)]
+        panels += [colourise(masks[row], colours, ignore_index) for masks in predictions.values()]
+        for column, panel in enumerate(panels):
+            ax = axes[row][column]
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(columns[column], fontsize=9)
+        if row < len(row_names):
+            axes[row][0].set_ylabel(row_names[row], fontsize=7)
+    handles = [Patch(facecolor=colours[i] / 255.0, label=name) for i, name in enumerate(class_names)]
+    figure.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=7)
+    return _save(figure, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions of a trained model on validation images
+# ---------------------------------------------------------------------------------------------
+
+
+def load_validation_examples(cfg, samples, num_classes: int, count: int):
+    """The first `count` samples as (RGB uint8 arrays, index masks, names)."""
+    from farcluss.data.io import load_image, load_mask
+
+    chosen = list(samples)[:count]
+    images = [np.asarray(load_image(s.image)) for s in chosen]
+    masks = [load_mask(s.mask, num_classes, cfg.data.ignore_index) for s in chosen]
+    return images, masks, [s.name for s in chosen]
+
+
+def predict_masks(model, cfg, images: Sequence[np.ndarray], device=None) -> List[np.ndarray]:
+    """Index masks of `model` on RGB uint8 images with the config's evaluation mode; pixels outside
+    a centre crop are `ignore_index` (not predicted)."""
+    import torch
+
+    from farcluss.data.transforms import image_to_tensor
+    from farcluss.evaluate import predict
+
+    if device is None:
+        device = next(model.parameters()).device
+    e, d = cfg.eval, cfg.data
+    masks = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for image in images:
+                batch = image_to_tensor(image, d.mean, d.std).unsqueeze(0).to(device)
+                probs, (rows, cols) = predict(model, batch, e.mode, e.crop_size or d.crop_size,
+                                              cfg.model.output_stride, e.stride_ratio)
+                full = np.full(image.shape[:2], d.ignore_index, np.int64)
+                full[rows, cols] = probs.argmax(dim=1)[0].cpu().numpy()
+                masks.append(full)
+    finally:
+        model.train(was_training)
+    return masks
+
+
+def inference_device():
+    """CUDA when available, else CPU: a report may be made on another machine than the run."""
+    from farcluss.engine.distributed import DistEnv
+    from farcluss.engine.trainer import resolve_device
+
+    return resolve_device("auto", DistEnv())
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML page
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(c) if isinstance(c, float) or c is None else str(c))}</td>"
+                         for c in row) + "</tr>"
+        for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_html_page(path, title: str, blocks: Sequence[Tuple[str, str]]) -> Path:
+    """A self-contained page: `blocks` are (heading, body); a body ending in .png is shown as an
+    image (a path relative to the page), anything else is inserted as HTML."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "img{max-width:100%}table{border-collapse:collapse}"
+             "td,th{border:1px solid #bbb;padding:2px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for heading, body in blocks:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if body.endswith(".png"):
+            parts.append(f"<img src='{html.escape(body)}' alt='{html.escape(heading)}'>")
+        else:
+            parts.append(body)
+    parts.append("</body></html>\n")
+    path = Path(path)
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The report of one run
+# ---------------------------------------------------------------------------------------------
+
+
+def best_record(records: Sequence[MetricRecord], model: str) -> Optional[MetricRecord]:
+    """The evaluation with the highest mIoU, the earliest on ties (the trainer's best.pt rule)."""
+    candidates = [r for r in eval_records(records, model) if r.get("miou") is not None]
+    return max(candidates, key=lambda r: r["miou"]) if candidates else None
+
+
+def make_report(run_dir, out_dir=None, num_images: int = 6) -> Path:
+    """Write the plots and ``index.html`` of a run folder; returns the page's path.
+
+    The prediction grid needs the checkpoint and the validation data; when either is missing it
+    is skipped with one line on stderr and the rest of the report is still written.
+    """
+    from farcluss.config import config_from_dict
+
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FarclussError(f"run folder {run_dir} has no config.yaml")
+    cfg = config_from_dict(yaml.safe_load(config_path.read_text(encoding="utf-8")) or {})
+    model_name = main_model(records)
+    evals = eval_records(records, model_name)
+    class_names = (evals[-1].get("class_names") if evals else None) or []
+
+    blocks: List[Tuple[str, str]] = []
+    if evals:
+        final = evals[-1]
+        rows = []
+        for name in ("teacher", "student"):
+            latest = eval_records(records, name)
+            if latest:
+                rows.append([name, latest[-1]["iteration"], latest[-1]["miou"],
+                             latest[-1].get("pixel_accuracy")])
+        blocks.append(("Final metrics", html_table(["model", "iteration", "mIoU", "pixel accuracy"], rows)))
+    if loss_terms(records):
+        blocks.append(("Losses", plot_loss_terms(records, out / "losses.png").name))
+    curves = {name: miou_curve(records, name) for name in ("teacher", "student")
+              if eval_records(records, name)}
+    if curves:
+        blocks.append(("Validation mIoU", plot_miou_curves(curves, out / "miou.png").name))
+
+    if evals:
+        best = best_record(records, model_name)
+        series = {f"final (iteration {final['iteration']})": final["per_class_iou"]}
+        if best is not None:
+            series[f"best (iteration {best['iteration']})"] = best["per_class_iou"]
+        blocks.append((f"Per-class IoU ({model_name})",
+                       plot_class_iou_bars(series, class_names, out / "per_class_iou.png",
+                                           title=f"per-class IoU of the {model_name}").name))
+    checkpoint = run_dir / "checkpoints" / "best.pt"
+    if not checkpoint.is_file():
+        checkpoint = run_dir / "checkpoints" / "last.pt"
+    try:
+        grid = _run_prediction_grid(cfg, checkpoint, out / "predictions.png", num_images)
+        blocks.append((f"Validation predictions ({checkpoint.name})", grid.name))
+    except FarclussError as exc:
+        print(f"warning: prediction grid skipped: {exc}", file=sys.stderr)
+    return write_html_page(out / "index.html", f"farcluss run {run_dir.name} ({cfg.method.name})", blocks)
+
+
+def _run_prediction_grid(cfg, checkpoint: Path, path: Path, num_images: int) -> Path:
+    from farcluss.data.build import build_data
+    from farcluss.engine.checkpoint import load_checkpoint
+    from farcluss.inference import load_trained_model
+
+    if not checkpoint.is_file():
+        raise CheckpointError(f"no checkpoint in {checkpoint.parent}")
+    data = build_data(cfg, need_train=False)
+    num_classes = len(data.classes)
+    images, masks, names = load_validation_examples(cfg, data.val, num_classes, num_images)
+    device = inference_device()
+    has_teacher = load_checkpoint(checkpoint, map_location="cpu").get("teacher") is not None
+    predictions = {}
+    for model_name in (("teacher", "student") if has_teacher else ("student",)):
+        model, _, _ = load_trained_model(checkpoint, model_name, num_classes=num_classes, device=device)
+        predictions[model_name] = predict_masks(model, cfg, images, device)
+    return save_prediction_grid(images, masks, predictions, data.classes, path,
+                                cfg.data.ignore_index, row_names=names)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard
+# ---------------------------------------------------------------------------------------------
+
+
+class TensorBoardLogger:
+    """Mirror the trainer's metric records into TensorBoard scalars.
+
+    Train records become ``train/<key>`` (vector statistics ``train/<key>/<class>``), evaluation
+    records ``eval/<model>/miou``, ``eval/<model>/pixel_accuracy`` and ``eval/<model>/iou/<class>``.
+    Without the optional `tensorboard` package this prints one warning and does nothing.
+    """
+
+    def __init__(self, log_dir, class_names: Sequence[str] = (),
+                 writer_factory: Optional[Callable[[str], Any]] = None):
+        self.class_names = list(class_names)
+        self.writer = None
+        if writer_factory is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("warning: train.tensorboard is set but the tensorboard package is not installed "
+                      "(pip install tensorboard); continuing without TensorBoard logs", file=sys.stderr)
+                return
+            writer_factory = SummaryWriter
+        self.writer = writer_factory(str(log_dir))
+
+    def _name(self, index: int) -> str:
+        return self.class_names[index] if index < len(self.class_names) else str(index)
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        if self.writer is None:
+            return
+        step = int(record.get("iteration", 0))
+        kind = record.get("type")
+        if kind == "train":
+            for key, value in record.items():
+                if key in ("type", "iteration"):
+                    continue
+                if _is_number(value):
+                    self.writer.add_scalar(f"train/{key}", value, step)
+                elif isinstance(value, list):
+                    for index, item in enumerate(value):
+                        if _is_number(item):
+                            self.writer.add_scalar(f"train/{key}/{self._name(index)}", item, step)
+        elif kind == "eval":
+            model = record.get("model", "model")
+            names = record.get("class_names") or self.class_names
+            for key in ("miou", "pixel_accuracy"):
+                if _is_number(record.get(key)):
+                    self.writer.add_scalar(f"eval/{model}/{key}", record[key], step)
+            for index, iou in enumerate(record.get("per_class_iou") or []):
+                if _is_number(iou):
+                    name = names[index] if index < len(names) else str(index)
+                    self.writer.add_scalar(f"eval/{model}/iou/{name}", iou, step)
+        else:
+            return
+        # records come every log_interval steps: flushing each keeps the event file current
+        # without a close hook at the end of training
+        self.writer.flush()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    page = make_report(args.run_dir, args.out, num_images=args.num_images)
+    print(f"report written to {page}")
+    return 0
+
+
+def register_command(subparsers) -> None:
+    p = subparsers.add_parser("report", help="plots and an HTML page of a run folder")
+    p.add_argument("run_dir", help="run folder (holding metrics.jsonl, config.yaml, checkpoints/)")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
+    p.add_argument("--num-images", type=int, default=6, help="validation images in the prediction grid")
+    p.set_defaults(func=cmd_report)

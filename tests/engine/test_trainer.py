@@ -1,0 +1,191 @@
+"""The training loop: what a run folder holds, that a tiny model learns, NaN/Inf losses, and
+when a run resumes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import farcluss
+from conftest import tiny_overrides, write_tiny_dataset
+from farcluss import cli
+from farcluss.config import load_config
+from farcluss.engine.checkpoint import load_checkpoint
+from farcluss.engine.trainer import Trainer, TrainingError
+from farcluss.errors import CheckpointError
+from farcluss.methods.farcluss import Farcluss
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and spinning ones crawl when the cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _records(run: Path, kind: str) -> list:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [record for record in records if record["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-iteration FARCLUSS run evaluated and checkpointed after every iteration."""
+    root = write_tiny_dataset(tmp_path_factory.mktemp("trainer") / "tiny", n_train=6, n_val=2)
+    cfg = load_config(overrides=tiny_overrides(root, "farcluss", 2) + [
+        "train.eval_interval=1", "train.checkpoint_interval=1", "train.seed=5"])
+    run = root.parent / "run"
+    torch.set_num_threads(1)
+    summary = Trainer(cfg, run, resume=False).fit()
+    return root, cfg, run, summary
+
+
+def test_run_folder_holds_config_run_info_metrics_and_checkpoints(finished_run):
+    root, cfg, run, summary = finished_run
+    assert summary["iteration"] == 2 and summary["run_dir"] == str(run)
+
+    # the resolved config: loading it again gives the same config
+    assert load_config(run / "config.yaml").to_dict() == cfg.to_dict()
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["root"] == str(root)
+
+    info = json.loads((run / "run.json").read_text())
+    assert info["farcluss_version"] == farcluss.__version__
+    assert info["seed"] == 5
+    assert "git_revision" in info
+    assert info["git_revision"] is None or re.fullmatch(r"[0-9a-f]{40}", info["git_revision"])
+    assert info["classes"] == ["background", "square", "disc"]
+
+    evals = _records(run, "eval")
+    assert [(r["iteration"], r["model"]) for r in evals] == [
+        (1, "teacher"), (1, "student"), (2, "teacher"), (2, "student")]
+    for record in evals:
+        assert len(record["per_class_iou"]) == 3
+        assert 0 <= record["miou"] <= 100
+    assert [r["iteration"] for r in _records(run, "train")] == [1, 2]
+    assert all("loss_sup" in r and "lr" in r for r in _records(run, "train"))
+
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert last["iteration"] == 2 and last["classes"] == info["classes"]
+    teacher_mious = {r["iteration"]: r["miou"] for r in evals if r["model"] == "teacher"}
+    assert best["miou"] == max(teacher_mious.values())
+    assert best["iteration"] == max(teacher_mious, key=lambda i: (teacher_mious[i], -i))
+    assert last["best_miou"] == best["miou"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_resuming_with_an_incompatible_config_names_the_way_out(finished_run):
+    root, cfg, run, _ = finished_run
+    wider = load_config(overrides=tiny_overrides(root, "farcluss", 2) + ["model.base_width=16"])
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*--no-resume"):
+        Trainer(wider, run)
+
+
+def test_no_resume_ignores_last_pt_and_auto_resume_reads_it(tmp_path):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2)
+    cfg = load_config(overrides=tiny_overrides(root, "supervised", 2))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_text("garbage")
+    assert Trainer(cfg, run, resume=False).iteration == 0
+    with pytest.raises(CheckpointError, match=r"(cannot read checkpoint|refusing to load) .*last\.pt"):
+        Trainer(cfg, run)  # the default resumes whenever last.pt exists
+
+
+def test_resume_and_no_resume_together_are_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--resume", "--no-resume"])
+    assert info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_tiny_supervised_model_overfits_four_images(tmp_path):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2)
+    cfg = load_config(overrides=tiny_overrides(root, "supervised", 80) + [
+        # the four labeled images are also the validation set, seen whole and unchanged
+        "data.val=splits/labeled.txt", "data.scale_range=[1, 1]", "data.crop_size=40",
+        "data.flip_prob=0", "train.batch_size=4", "model.output_stride=8",
+        "train.lr=0.01", "train.head_lr_multiplier=3", "train.eval_interval=1000",
+        "train.checkpoint_interval=1000"])
+    summary = Trainer(cfg, tmp_path / "run", resume=False).fit()
+    assert summary["final"]["student"]["miou"] > 90.0
+
+
+# ---- numerical faults ---------------------------------------------------------------------------
+def _poison(monkeypatch, at_iteration: int, how: str) -> None:
+    """Make the FARCLUSS losses of one iteration non-finite."""
+    original = Farcluss.losses
+
+    def losses(self, batch, student, teacher, iteration):
+        if iteration == at_iteration and how == "images":
+            batch.images_l = torch.full_like(batch.images_l, float("nan"))
+        output = original(self, batch, student, teacher, iteration)
+        if iteration == at_iteration and how == "unsup":
+            output.terms["unsup"] = output.terms["unsup"] * float("inf")
+        return output
+
+    monkeypatch.setattr(Farcluss, "losses", losses)
+
+
+def test_a_non_finite_loss_stops_with_the_iteration_and_term_and_keeps_the_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2)
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run)]
+    for override in tiny_overrides(root, "farcluss", 6) + ["train.checkpoint_interval=2"]:
+        argv += ["--set", override]
+    _poison(monkeypatch, at_iteration=2, how="unsup")  # the third step
+    last = run / "checkpoints" / "last.pt"
+    written = {}
+    original_save = Trainer._save_last
+
+    def save_and_remember(self):
+        original_save(self)
+        written[self.iteration] = last.read_bytes()
+
+    monkeypatch.setattr(Trainer, "_save_last", save_and_remember)
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("error: non-finite loss at iteration 3 in term(s) unsup;")
+    assert str(last) in err[0]
+    assert list(written) == [2]
+    assert last.read_bytes() == written[2]
+    assert [r["iteration"] for r in _records(run, "train")] == [1, 2]
+
+
+def test_skip_policy_drops_the_bad_step_and_restores_the_buffers_it_poisoned(tmp_path, monkeypatch):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2)
+    cfg = load_config(overrides=tiny_overrides(root, "farcluss", 3) + [
+        "train.nan_policy=skip", "method.rebalance=ema"])
+    # NaN images reach the BN statistics and the prototype bank during the forward pass
+    _poison(monkeypatch, at_iteration=1, how="images")
+    trainer = Trainer(cfg, tmp_path / "run", resume=False)
+    trainer.fit()
+
+    skipped = _records(tmp_path / "run", "skip")
+    assert len(skipped) == 1 and skipped[0]["iteration"] == 2
+    # the labeled and unlabeled crops share one forward pass (and its batch statistics)
+    assert set(skipped[0]["non_finite"]) == {"sup", "unsup", "con"}
+    for name, tensor in list(trainer.student.state_dict().items()) + list(
+            trainer.teacher.state_dict().items()):
+        if tensor.is_floating_point():
+            assert bool(torch.isfinite(tensor).all()), name
+    assert bool(trainer.student.farcluss_state.prototype_initialized.any())
+    assert trainer.ema_steps == 2  # the skipped step does not move the teacher
+
+
+def test_skip_policy_is_not_the_default(tmp_path, monkeypatch):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2)
+    cfg = load_config(overrides=tiny_overrides(root, "farcluss", 3))
+    _poison(monkeypatch, at_iteration=0, how="images")
+    with pytest.raises(TrainingError, match="iteration 1 in term.*no checkpoint was written yet"):
+        Trainer(cfg, tmp_path / "run", resume=False).fit()

@@ -1,0 +1,61 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from farcluss.config import load_config
+from farcluss.losses.ce import ohem_cross_entropy
+from farcluss.methods import build_method
+from farcluss.methods.base import Batch
+from farcluss.methods.supervised import Supervised
+
+NUM_CLASSES = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny convolutions on a shared 2-core machine run many times faster on one thread
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _supervised(*overrides: str) -> Supervised:
+    cfg = load_config(overrides=["method.name=supervised", "model.backbone=resnet18",
+                                 "model.base_width=8", *overrides])
+    return build_method(cfg, NUM_CLASSES)
+
+
+def _batch() -> Batch:
+    masks = torch.randint(0, NUM_CLASSES, (2, 32, 32))
+    masks[0, :4] = 255  # an ignored band
+    return Batch(images_l=torch.randn(2, 3, 32, 32), masks_l=masks)
+
+
+def test_supervised_needs_no_teacher_no_unlabeled_data_and_no_head():
+    method = _supervised()
+    assert not method.uses_teacher and not method.uses_unlabeled
+    assert method.build_student().projection is None
+
+
+def test_loss_is_the_cross_entropy_of_the_labeled_batch():
+    torch.manual_seed(0)
+    method = _supervised()
+    student = method.build_student().eval()  # eval: no dropout, so two forwards agree
+    batch = _batch()
+    output = method.losses(batch, student, None, iteration=0)
+    assert set(output.terms) == {"sup"}
+    expected = F.cross_entropy(student(batch.images_l)[0], batch.masks_l, ignore_index=255)
+    assert output.terms["sup"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert output.total().item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ohem_is_used_when_configured():
+    torch.manual_seed(0)
+    method = _supervised("train.loss=ohem", "train.ohem_min_kept=100")
+    student = method.build_student().eval()
+    batch = _batch()
+    output = method.losses(batch, student, None, iteration=0)
+    expected = ohem_cross_entropy(student(batch.images_l)[0], batch.masks_l, threshold=0.7,
+                                  min_kept=100)
+    assert output.terms["sup"].item() == pytest.approx(expected.item(), rel=1e-5)

@@ -1,0 +1,147 @@
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import TINY_CLASSES, tiny_overrides, write_tiny_dataset
+from farcluss.bench import (
+    full_label_list,
+    labeled_pixel_counts,
+    mean_iou_over,
+    rarest_object_classes,
+    summarize,
+)
+from farcluss.cli import main
+from farcluss.config import load_config
+from farcluss.data.splits import Sample
+from farcluss.errors import DataError
+
+
+def _write_mask(path: Path, values: dict, size=(6, 10)) -> Sample:
+    """A mask whose class `c` covers exactly `values[c]` pixels (row-major), background the rest."""
+    flat = np.zeros(size[0] * size[1], np.uint8)
+    start = 0
+    for cls, count in values.items():
+        flat[start:start + count] = cls
+        start += count
+    Image.fromarray(flat.reshape(size)).save(path)
+    return Sample(image=path.with_suffix(".jpg"), mask=path)
+
+
+def test_rare_classes_from_hand_made_masks(tmp_path):
+    # classes: background, ball, brick, kite, moon, star; 255 is ignored and never counted
+    names = ["background", "ball", "brick", "kite", "moon", "star"]
+    samples = [
+        _write_mask(tmp_path / "a.png", {1: 20, 2: 3, 255: 30}),
+        _write_mask(tmp_path / "b.png", {1: 5, 3: 7, 2: 2}),
+        _write_mask(tmp_path / "c.png", {5: 4, 255: 56}),
+    ]
+    counts = labeled_pixel_counts(samples, len(names))
+    # background: a 60-20-3-30 = 7, b 60-14 = 46, c 0 → 53
+    np.testing.assert_array_equal(counts, [53, 25, 5, 7, 0, 4])
+    # moon has no labeled pixel (rarest), then star 4, brick 5; kite (7) and ball (25) are not rare
+    assert rarest_object_classes(counts, names) == [4, 5, 2]
+
+
+def test_background_is_never_a_rare_class_and_ties_go_to_the_lower_index():
+    names = ["Background", "a", "b", "c", "d"]
+    assert rarest_object_classes([0, 9, 3, 3, 3], names) == [2, 3, 4]
+    # no background class (Cityscapes-like): class 0 competes like any other
+    assert rarest_object_classes([1, 9, 3, 3, 3], ["road", "a", "b", "c", "d"]) == [0, 2, 3]
+
+
+def test_rare_mean_iou_leaves_out_classes_without_iou():
+    assert mean_iou_over([90.0, 10.0, None, 30.0], [1, 2, 3]) == pytest.approx(20.0)
+    assert mean_iou_over([90.0, None], [1]) is None
+
+
+def test_summary_mean_and_sample_std():
+    results = [
+        {"method": "farcluss", "seed": 0, "miou": 30.0, "rare_miou": 5.0},
+        {"method": "farcluss", "seed": 1, "miou": 34.0, "rare_miou": 9.0},
+        {"method": "supervised", "seed": 0, "miou": 25.0, "rare_miou": None},
+    ]
+    farcluss, supervised = summarize(results, ["farcluss", "supervised"])
+    # std of {30, 34} with n-1: sqrt(((−2)² + 2²) / 1) = sqrt(8)
+    assert farcluss == {"method": "farcluss", "miou_mean": 32.0, "miou_std": pytest.approx(math.sqrt(8)),
+                        "rare_miou_mean": 7.0}
+    assert supervised == {"method": "supervised", "miou_mean": 25.0, "miou_std": None,
+                          "rare_miou_mean": None}
+
+
+def _with_unlabeled_masks(root: Path, extra_lines=()) -> Path:
+    """Give the tiny dataset's unlabeled lines their masks, then append `extra_lines`."""
+    unlabeled = root / "splits" / "unlabeled.txt"
+    lines = [f"{line} {line.replace('images/', 'masks/')}" for line in unlabeled.read_text().split()]
+    unlabeled.write_text("\n".join(lines + list(extra_lines)) + "\n")
+    return root
+
+
+def test_full_label_list_is_the_union_of_masked_train_lines(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path / "tiny")
+    first_labeled = (root / "splits" / "labeled.txt").read_text().splitlines()[0]
+    _with_unlabeled_masks(root, [first_labeled, "images/no_mask.png"])
+    cfg = load_config(None, [f"data.root={root}"])
+    path = full_label_list(cfg, tmp_path / "work")
+    lines = path.read_text().splitlines()
+    # 4 labeled + 8 unlabeled with masks; the repeated labeled image once; no_mask.png left out
+    assert len(lines) == 12
+    images = [Path(line.split()[0]) for line in lines]
+    assert len(set(images)) == 12 and all(p.is_absolute() and p.is_file() for p in images)
+    assert "1 of 10 unlabeled images" in capsys.readouterr().out
+
+
+def test_full_label_list_needs_unlabeled_masks(tmp_path):
+    root = write_tiny_dataset(tmp_path / "tiny")
+    cfg = load_config(None, [f"data.root={root}"])
+    with pytest.raises(DataError, match="unlabeled.txt gives none"):
+        full_label_list(cfg, tmp_path / "work")
+
+
+def test_bench_accuracy_writes_the_results_document(tmp_path):
+    root = _with_unlabeled_masks(write_tiny_dataset(tmp_path / "tiny"))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"data": {"root": str(root)}}))
+    overrides = [o for o in tiny_overrides(root, iterations=3) if not o.startswith(("data.root", "method.name"))]
+    json_path = tmp_path / "results" / "bench.json"
+    argv = ["bench", "accuracy", str(config), "--methods", "farcluss,supervised_full", "--seeds", "0",
+            "--json", str(json_path), "--out", str(tmp_path / "runs")]
+    for override in overrides:
+        argv += ["--set", override]
+    assert main(argv) == 0
+
+    document = json.loads(json_path.read_text())
+    assert set(document) == {"results", "summary", "rare_classes", "config"}
+    assert [(r["method"], r["seed"]) for r in document["results"]] == [("farcluss", 0), ("supervised_full", 0)]
+    for result in document["results"]:
+        assert set(result) == {"method", "seed", "miou", "rare_miou", "per_class_iou", "seconds"}
+        assert list(result["per_class_iou"]) == TINY_CLASSES
+        assert 0 <= result["miou"] <= 100 and result["seconds"] > 0
+    assert [row["method"] for row in document["summary"]] == ["farcluss", "supervised_full"]
+    for row in document["summary"]:
+        assert set(row) == {"method", "miou_mean", "miou_std", "rare_miou_mean"}
+        assert row["miou_std"] is None  # one seed
+    # the tiny dataset has two object classes: both are "rare"
+    assert sorted(document["rare_classes"]) == ["disc", "square"]
+    assert document["config"]["iterations"] == 3
+    assert (tmp_path / "runs" / "bench_accuracy.json").read_text() == json_path.read_text()
+
+    # equal iterations; supervised_full trained the supervised method on the 12-image list
+    full_cfg = yaml.safe_load((tmp_path / "runs" / "supervised_full-seed0" / "config.yaml").read_text())
+    assert full_cfg["method"]["name"] == "supervised" and full_cfg["train"]["iterations"] == 3
+    assert len(Path(full_cfg["data"]["labeled"]).read_text().splitlines()) == 12
+
+    # a second run into the same folder would mix logs: refused
+    assert main(argv) == 2
+
+
+def test_bench_rejects_an_unknown_method(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path / "tiny")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"data": {"root": str(root)}}))
+    assert main(["bench", "accuracy", str(config), "--methods", "farcluss,mean_teacher"]) == 2
+    assert "unknown method 'mean_teacher'" in capsys.readouterr().err
