@@ -106,7 +106,8 @@ def test_bench_accuracy_writes_the_results_document(tmp_path):
     root = _with_unlabeled_masks(write_tiny_dataset(tmp_path / "tiny"))
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({"data": {"root": str(root)}}))
-    overrides = [o for o in tiny_overrides(root, iterations=3) if not o.startswith(("data.root", "method.name"))]
+    overrides = [o for o in tiny_overrides(root, iterations=3)
+                 if not o.startswith(("data.root", "method.name"))]
     json_path = tmp_path / "results" / "bench.json"
     argv = ["bench", "accuracy", str(config), "--methods", "farcluss,supervised_full", "--seeds", "0",
             "--json", str(json_path), "--out", str(tmp_path / "runs")]
@@ -116,7 +117,8 @@ def test_bench_accuracy_writes_the_results_document(tmp_path):
 
     document = json.loads(json_path.read_text())
     assert set(document) == {"results", "summary", "rare_classes", "config"}
-    assert [(r["method"], r["seed"]) for r in document["results"]] == [("farcluss", 0), ("supervised_full", 0)]
+    runs = [(r["method"], r["seed"]) for r in document["results"]]
+    assert runs == [("farcluss", 0), ("supervised_full", 0)]
     for result in document["results"]:
         assert set(result) == {"method", "seed", "miou", "rare_miou", "per_class_iou", "seconds"}
         assert list(result["per_class_iou"]) == TINY_CLASSES

@@ -33,7 +33,13 @@ def test_demo_with_a_tiny_budget_writes_its_report(tmp_path, monkeypatch):
     # 3 seconds cannot hold any training after calibration: the minimum, equal for all three
     assert summary["iteration_choice"]["source"] == "calibrated"
     assert summary["iterations"] == demo.MIN_ITERATIONS
-    assert len(summary["iteration_choice"]["calibration"]) == 3
+    calibration = {c["method"]: c for c in summary["iteration_choice"]["calibration"]}
+    assert list(calibration) == ["supervised", "fixmatch", "farcluss"]
+    # 3 val images are all curve images: the final evaluation costs the calibration's one,
+    # of one model where the calibration evaluated two (teacher and student)
+    supervised, farcluss = calibration["supervised"], calibration["farcluss"]
+    assert supervised["final_eval_seconds"] == pytest.approx(supervised["eval_seconds"])
+    assert farcluss["final_eval_seconds"] == pytest.approx(farcluss["eval_seconds"] / 2)
     assert [m["method"] for m in summary["methods"]] == ["supervised", "fixmatch", "farcluss"]
     assert [m["model"] for m in summary["methods"]] == ["student", "teacher", "teacher"]
     for method in summary["methods"]:
@@ -63,24 +69,27 @@ def test_demo_iterations_option_skips_calibration(tmp_path):
 
 
 def test_plan_iterations_fits_the_budget():
-    # fixed cost (6 evaluations + 1) · (0.5 + 1.5 + 1.5) + final evaluations 3 · 3.5 = 35 s;
-    # (0.9 · 600 − 35) / 0.5 = 1010
-    calibrations = [Calibration("supervised", 0.1, 0.5, 3.5), Calibration("fixmatch", 0.2, 1.5, 3.5),
-                    Calibration("farcluss", 0.2, 1.5, 3.5)]
-    assert plan_iterations(calibrations, 600, cap=1200) == 1010
-    assert plan_iterations(calibrations, 600, cap=800) == 800
+    # fixed cost: builds 3 · 1 + (6 evaluations + 1) · (0.5 + 1.5 + 1.5) + final evaluations
+    # 3 · 2.5 = 35 s; (0.9 · 600 − 35) / 0.5 = 1010
+    calibrations = [Calibration("supervised", 0.1, 1.0, 0.5, 2.5),
+                    Calibration("fixmatch", 0.2, 1.0, 1.5, 2.5),
+                    Calibration("farcluss", 0.2, 1.0, 1.5, 2.5)]
+    assert plan_iterations(calibrations, 600, cap=1200, eval_points=6) == 1010
+    assert plan_iterations(calibrations, 600, cap=800, eval_points=6) == 800
     # (0.9 · 126.4 − 35) / 0.5 = 157.5 → 157, rounded down to 150
-    assert plan_iterations(calibrations, 126.4, cap=1200) == 150
+    assert plan_iterations(calibrations, 126.4, cap=1200, eval_points=6) == 150
     # (0.9 · 90 − 35) / 0.5 = 92 stays as it is below 100
-    assert plan_iterations(calibrations, 90, cap=1200) == 92
-    assert plan_iterations(calibrations, 10, cap=1200) == demo.MIN_ITERATIONS
+    assert plan_iterations(calibrations, 90, cap=1200, eval_points=6) == 92
+    assert plan_iterations(calibrations, 10, cap=1200, eval_points=6) == demo.MIN_ITERATIONS
 
 
 def test_shared_settings_scale_the_warmup_with_the_schedule():
-    cfg = load_config(None, ["train.iterations=1200", "method.warmup_iterations=200", "train.log_interval=20"])
+    cfg = load_config(None, ["train.iterations=1200", "method.warmup_iterations=200",
+                             "train.log_interval=20"])
     settings = shared_settings(cfg, 600, seed=3)
     assert settings["method.warmup_iterations"] == 100
-    assert settings["train.eval_interval"] == 100 and settings["train.checkpoint_interval"] == 600
+    assert settings["train.eval_interval"] == 600 // demo.EVAL_POINTS
+    assert settings["train.checkpoint_interval"] == 600
     assert settings["train.seed"] == 3 and settings["train.log_interval"] == 20
     assert shared_settings(cfg, 50, seed=0)["train.log_interval"] == 5
 

@@ -133,9 +133,13 @@ def test_miou_curve_keeps_the_latest_value_of_a_repeated_iteration():
     assert miou_curve(records, "teacher") == ([10, 20], [6.0, 7.0])
 
 
-def test_median_step_time_leaves_out_the_first_window():
-    records = [{"type": "train", "seconds_per_iteration": s} for s in (9.0, 0.2, 0.4, 0.3)]
+def test_median_step_time_leaves_out_start_up_and_evaluation_windows():
+    train = [{"type": "train", "iteration": i, "seconds_per_iteration": s}
+             for i, s in ((5, 9.0), (10, 0.2), (15, 5.0), (20, 0.4), (25, 0.3))]
+    # the evaluation after step 10 lands in the window (10, 15]; the first window is start-up
+    records = train + [{"type": "eval", "iteration": 10, "model": "student", "miou": 1.0}]
     assert median_seconds_per_iteration(records) == pytest.approx(0.3)
+    assert median_seconds_per_iteration(train[:1]) == 9.0
     assert median_seconds_per_iteration([]) is None
 
 

@@ -8,6 +8,16 @@ ceiling that unlabeled data can at best approach.
 The "rare" classes are the 3 object classes (every class but a background class) with the fewest
 labeled pixels in the config's labeled list, counted from the masks; their mean IoU is reported
 beside the mIoU because a long-tailed dataset hides what happens to them in the mean.
+
+The results document (``OUT/bench_accuracy.json``, rewritten after every run, and ``--json``)::
+
+    {"results": [{"method", "seed", "miou", "rare_miou", "per_class_iou": {class: IoU}, "seconds"}],
+     "summary": [{"method", "miou_mean", "miou_std", "rare_miou_mean"}],
+     "rare_classes": [names, rarest first], "config": {"path", "overrides", "iterations", "out", "resolved"}}
+
+mIoU is the final teacher's (the student's for the supervised methods), in percent; ``miou_std``
+is the sample standard deviation over seeds (null with one seed); ``seconds`` is the wall time
+of the whole training run, evaluations included.
 """
 
 from __future__ import annotations
@@ -198,7 +208,8 @@ def format_accuracy_table(summary: Sequence[dict], rare_names: Sequence[str], se
              f"{'method':<16} {'mIoU mean ± std':>17} {'rare mIoU':>10}"]
     for row in summary:
         std = "   n/a" if row["miou_std"] is None else f"{row['miou_std']:6.2f}"
-        lines.append(f"{row['method']:<16} {_num(row['miou_mean'], 8)} ± {std} {_num(row['rare_miou_mean'], 10)}")
+        lines.append(f"{row['method']:<16} {_num(row['miou_mean'], 8)} ± {std} "
+                     f"{_num(row['rare_miou_mean'], 10)}")
     return "\n".join(lines)
 
 
@@ -207,7 +218,8 @@ def run_accuracy(config_path, methods: Sequence[str] = DEFAULT_METHODS, seeds: S
     """Train every method × seed of a config at its iterations; returns the JSON document."""
     unknown = [m for m in methods if m not in BENCH_METHODS]
     if unknown:
-        raise ConfigError(f"unknown method '{unknown[0]}' in --methods (choose from {', '.join(BENCH_METHODS)})")
+        raise ConfigError(f"unknown method '{unknown[0]}' in --methods "
+                          f"(choose from {', '.join(BENCH_METHODS)})")
     if not methods or not seeds:
         raise ConfigError("bench accuracy needs at least one method and one seed")
     base = load_config(config_path, list(overrides))
@@ -292,7 +304,8 @@ def register_command(subparsers) -> None:
     q.add_argument("config", help="YAML config (its data, model and schedule are used by every method)")
     q.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, from {','.join(BENCH_METHODS)} (default all)")
-    q.add_argument("--seeds", type=_seed_list, default=list(DEFAULT_SEEDS), help="comma-separated (default 0,1,2)")
+    q.add_argument("--seeds", type=_seed_list, default=list(DEFAULT_SEEDS),
+                   help="comma-separated (default 0,1,2)")
     q.add_argument("--json", default=None, help="also write the results document here")
     q.add_argument("--out", default=None, help="folder of the runs (default runs/bench-<config>-<time>)")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

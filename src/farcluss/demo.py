@@ -2,11 +2,11 @@
 
 The three methods share the model, the data, the seed and — for fairness — one iteration count.
 That count is chosen to fit the time budget (``--minutes``, 10 by default) on the machine at
-hand: each method first trains a few calibration iterations, which give its seconds per
-iteration, its fixed cost per run and evaluation (building the trainer, one evaluation for the
-curve, a checkpoint) and the cost of its final evaluation; then
+hand: each method first trains a few calibration iterations, which give its seconds per step,
+the time to build its trainer and the time of one evaluation for the curve (with a checkpoint),
+from which the cost of its final evaluation on all validation images is extrapolated; then
 
-    N = ⌊(0.9 · seconds left − Σ_m [(E + 1) · fixed_m + final_m]) / Σ_m step_m⌋
+    N = ⌊(0.9 · seconds left − Σ_m [build_m + (E + 1) · eval_m + final_m]) / Σ_m step_m⌋
 
 where E is the number of evaluations during training. N is rounded down to a multiple of 10
 from 100 on and capped at the config's own ``train.iterations`` (a machine fast enough runs the
@@ -33,7 +33,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from farcluss.bench import derive_config, judged_metrics, mean_iou_over, rare_classes_of, train_run
+from farcluss.bench import (
+    check_fresh_run_dir,
+    derive_config,
+    judged_metrics,
+    mean_iou_over,
+    rare_classes_of,
+    train_run,
+)
 from farcluss.config import Config, load_config
 from farcluss.errors import ConfigError, FarclussError
 from farcluss.report import (
@@ -43,6 +50,7 @@ from farcluss.report import (
     miou_curve,
     plot_class_iou_bars,
     plot_miou_curves,
+    positive_int,
     predict_masks,
     read_metrics,
     save_prediction_grid,
@@ -54,7 +62,7 @@ DEFAULT_MINUTES = 10.0
 #: calibration steps per method; the first is dropped (DataLoader workers start, allocator warm-up)
 CALIBRATION_ITERATIONS = 5
 #: evaluations during training, for the mIoU-over-iterations curve
-EVAL_POINTS = 6
+EVAL_POINTS = 5
 #: below this a comparison means nothing, but the demo still runs end to end
 MIN_ITERATIONS = 2
 #: share of the remaining time planned for training: step times drift on a shared machine
@@ -62,15 +70,14 @@ BUDGET_SAFETY = 0.9
 #: time kept for the prediction grid, plots and page after training
 REPORT_RESERVE_SECONDS = 20.0
 #: validation images behind the mIoU-over-iterations curve
-CURVE_IMAGES = 100
+CURVE_IMAGES = 60
 
 
 def default_demo_config() -> Path:
-    """``configs/benchmark.yaml`` of the source tree the package is installed from."""
-    path = Path(__file__).resolve().parents[2] / "configs" / "benchmark.yaml"
+    """``configs/benchmark.yaml``, shipped inside the package (``configs/`` links to it)."""
+    path = Path(__file__).resolve().parent / "configs" / "benchmark.yaml"
     if not path.is_file():
-        raise ConfigError(f"the demo config {path} was not found (installed without the source "
-                          "tree?); pass --config PATH")
+        raise ConfigError(f"the demo config {path} was not found; pass --config PATH")
     return path
 
 
@@ -78,9 +85,11 @@ def default_demo_config() -> Path:
 class Calibration:
     method: str
     seconds_per_iteration: float
-    #: building the trainer, one evaluation on the curve images, one checkpoint
-    fixed_seconds: float
-    #: evaluating the judged model on the whole validation list
+    #: building the trainer (data lists, model, teacher) once per run
+    build_seconds: float
+    #: one evaluation on the curve images plus a checkpoint
+    eval_seconds: float
+    #: evaluating the judged model on the whole validation list (extrapolated)
     final_eval_seconds: float
 
 
@@ -98,30 +107,41 @@ def final_metrics(cfg: Config, run_dir: Path, model_name: str) -> dict:
 
 
 def calibrate(cfg: Config, method: str, num_val: int, work_dir: Path) -> Calibration:
-    """Time a few training iterations and the final evaluation of `method` (its run folder is
-    deleted afterwards)."""
-    eval_cfg = derive_config(cfg, {"method.name": method})
-    changes = {"train.iterations": CALIBRATION_ITERATIONS, "train.log_interval": 1,
+    """Time a few training iterations of `method` (its run folder is deleted afterwards).
+
+    The final evaluation is not run but extrapolated from the calibration's one evaluation:
+    evaluation time grows with the number of images and the number of models evaluated.
+    """
+    from farcluss.engine.trainer import Trainer
+
+    curve = curve_settings(cfg, num_val)
+    changes = {"method.name": method, "train.iterations": CALIBRATION_ITERATIONS, "train.log_interval": 1,
                "train.eval_interval": CALIBRATION_ITERATIONS,
                "train.checkpoint_interval": CALIBRATION_ITERATIONS, "train.progress": False,
                # time the full step: a warm-up would skip the teacher and the unlabeled batch
-               "method.warmup_iterations": 0, **curve_settings(cfg, num_val)}
+               "method.warmup_iterations": 0, **curve}
     run_dir = work_dir / method
-    summary, wall = train_run(derive_config(eval_cfg, changes), run_dir)
-    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("type") == "train"]
-    step_seconds = [float(r["seconds_per_iteration"]) for r in records]
+    check_fresh_run_dir(run_dir)
     start = time.perf_counter()
-    final_metrics(eval_cfg, run_dir, judged_metrics(summary["final"])[0])
-    final_eval = time.perf_counter() - start
+    trainer = Trainer(derive_config(cfg, changes), run_dir, resume=False)
+    built = time.perf_counter()
+    summary = trainer.fit()
+    fitted = time.perf_counter()
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("type") == "train"]
     shutil.rmtree(run_dir)
-    return Calibration(method, median_seconds_per_iteration(records),
-                       max(0.0, wall - sum(step_seconds)), final_eval)
+    # what fit() spent outside the logged steps: loader start-up, the evaluation, the checkpoint
+    eval_seconds = max(0.0, fitted - built - sum(float(r["seconds_per_iteration"]) for r in records))
+    curve_images = curve["eval.max_images"] or num_val
+    final_images = min(cfg.eval.max_images or num_val, num_val)
+    final_eval = eval_seconds * final_images / curve_images / len(summary["final"])
+    return Calibration(method, median_seconds_per_iteration(records), built - start, eval_seconds, final_eval)
 
 
 def plan_iterations(calibrations: Sequence[Calibration], seconds_left: float, cap: int,
                     eval_points: int = EVAL_POINTS) -> int:
     """The one iteration count for every method that fits `seconds_left` (see the module doc)."""
-    fixed = sum((eval_points + 1) * c.fixed_seconds + c.final_eval_seconds for c in calibrations)
+    fixed = sum(c.build_seconds + (eval_points + 1) * c.eval_seconds + c.final_eval_seconds
+                for c in calibrations)
     per_iteration = sum(c.seconds_per_iteration for c in calibrations)
     affordable = (BUDGET_SAFETY * seconds_left - fixed) / max(per_iteration, 1e-9)
     iterations = int(math.floor(affordable)) if math.isfinite(affordable) else cap
@@ -278,7 +298,8 @@ def _num(value: Optional[float]) -> str:
 
 def format_demo_table(document: dict) -> str:
     lines = [f"{document['iterations']} iterations per method, seed {document['seed']}; "
-             f"mIoU of the teacher (student for supervised); rare classes: {', '.join(document['rare_classes'])}",
+             "mIoU of the teacher (student for supervised); "
+             f"rare classes: {', '.join(document['rare_classes'])}",
              f"{'method':<12} {'mIoU':>7} {'rare mIoU':>10} {'s/iter':>8}"]
     for run in document["methods"]:
         spi = run["seconds_per_iteration"]
@@ -303,11 +324,13 @@ def register_command(subparsers) -> None:
     p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                    help=f"time budget of the whole demo (default {DEFAULT_MINUTES:g})")
     p.add_argument("--seed", type=int, default=0, help="training seed shared by the three methods")
-    p.add_argument("--iterations", type=int, default=None,
+    p.add_argument("--iterations", type=positive_int, default=None,
                    help="iterations per method (default: as many as fit --minutes)")
-    p.add_argument("--data", default=None, help="dataset folder (default: the built-in benchmark, made if absent)")
+    p.add_argument("--data", default=None,
+                   help="dataset folder (default: the built-in benchmark, made if absent)")
     p.add_argument("--config", default=None, help="config (default configs/benchmark.yaml)")
-    p.add_argument("--num-images", type=int, default=6, help="validation images in the prediction grid")
+    p.add_argument("--num-images", type=positive_int, default=6,
+                   help="validation images in the prediction grid")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key for all three methods (repeatable)")
     p.set_defaults(func=cmd_demo)

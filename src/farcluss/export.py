@@ -31,6 +31,8 @@ from farcluss.errors import ConfigError, FarclussError
 PathLike = Union[str, Path]
 
 DEFAULT_OPSET = 17
+#: Resize with sizes known only at run time (the decoder's upsampling) needs opset 11
+MIN_OPSET = 11
 DEFAULT_TOLERANCE = 1e-3
 #: two correct float32 implementations of a deep network differ by ~1e-6 of the logit scale
 #: (float32 keeps ~7 digits); logits of ±1000, as a briefly trained model has, would fail 1e-3
@@ -118,11 +120,13 @@ def export_onnx(model: nn.Module, path: PathLike, size: Tuple[int, int] = (321, 
         max_abs_diff = max |logits_onnx − logits_torch|   over every element
 
     Raises ``ExportError`` when ``max_abs_diff`` exceeds :func:`allowed_difference` (the file
-    is kept for inspection).
-    The metadata of the file records the class names, mean, std and output stride.
+    is kept for inspection). The file's metadata records the class names, mean, std and output
+    stride. ``model`` is moved to the CPU and put in eval mode.
     """
     onnx, onnxruntime = _require_onnx()
     height, width = _check_shape(size)
+    if opset < MIN_OPSET:
+        raise ConfigError(f"--opset {opset}: dynamic-size export needs opset {MIN_OPSET} or newer")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = LogitsOnly(model).to("cpu").eval()
@@ -229,7 +233,8 @@ def register_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", choices=["teacher", "student"], default="teacher",
                         help="which model of the checkpoint (default teacher)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset version (default {DEFAULT_OPSET})")
+                        help=f"ONNX opset version, {MIN_OPSET} or newer (default "
+                             f"{DEFAULT_OPSET})")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="image size to trace with (default: the checkpoint's crop size)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,

@@ -87,12 +87,23 @@ def miou_curve(records: Sequence[MetricRecord], model: str) -> Curve:
 
 
 def median_seconds_per_iteration(records: Sequence[MetricRecord]) -> Optional[float]:
-    """Median of the logged per-window step times; the first window (worker start-up, allocator
-    warm-up) is left out when there are others."""
-    times = [float(r["seconds_per_iteration"]) for r in train_records(records)
-             if r.get("seconds_per_iteration") is not None]
-    if len(times) > 1:
-        times = times[1:]
+    """Median of the logged per-window step times, over the windows that measured steps alone.
+
+    A train record at iteration b covers the steps since the previous one at a; its time also
+    holds any evaluation at an iteration e with a <= e < b (the trainer evaluates after logging),
+    and the first window holds the DataLoader start-up. Those windows are left out unless nothing
+    else is left.
+    """
+    evaluated = {int(r["iteration"]) for r in eval_records(records)}
+    windows = []
+    previous = 0
+    for record in train_records(records):
+        end = int(record["iteration"])
+        if record.get("seconds_per_iteration") is not None:
+            clean = previous > 0 and not any(previous <= e < end for e in evaluated)
+            windows.append((clean, float(record["seconds_per_iteration"])))
+        previous = end
+    times = [t for clean, t in windows if clean] or [t for _, t in windows[1:]] or [t for _, t in windows]
     return statistics.median(times) if times else None
 
 
@@ -359,14 +370,12 @@ def make_report(run_dir, out_dir=None, num_images: int = 6) -> Path:
     class_names = (evals[-1].get("class_names") if evals else None) or []
 
     blocks: List[Tuple[str, str]] = []
-    if evals:
-        final = evals[-1]
-        rows = []
-        for name in ("teacher", "student"):
-            latest = eval_records(records, name)
-            if latest:
-                rows.append([name, latest[-1]["iteration"], latest[-1]["miou"],
-                             latest[-1].get("pixel_accuracy")])
+    rows = []
+    for name in ("teacher", "student"):
+        latest = eval_records(records, name)
+        if latest:
+            rows.append([name, latest[-1]["iteration"], latest[-1]["miou"], latest[-1].get("pixel_accuracy")])
+    if rows:
         blocks.append(("Final metrics", html_table(["model", "iteration", "mIoU", "pixel accuracy"], rows)))
     if loss_terms(records):
         blocks.append(("Losses", plot_loss_terms(records, out / "losses.png").name))
@@ -374,15 +383,15 @@ def make_report(run_dir, out_dir=None, num_images: int = 6) -> Path:
               if eval_records(records, name)}
     if curves:
         blocks.append(("Validation mIoU", plot_miou_curves(curves, out / "miou.png").name))
-
     if evals:
-        best = best_record(records, model_name)
+        final, best = evals[-1], best_record(records, model_name)
         series = {f"final (iteration {final['iteration']})": final["per_class_iou"]}
         if best is not None:
             series[f"best (iteration {best['iteration']})"] = best["per_class_iou"]
         blocks.append((f"Per-class IoU ({model_name})",
                        plot_class_iou_bars(series, class_names, out / "per_class_iou.png",
                                            title=f"per-class IoU of the {model_name}").name))
+
     checkpoint = run_dir / "checkpoints" / "best.pt"
     if not checkpoint.is_file():
         checkpoint = run_dir / "checkpoints" / "last.pt"
@@ -485,6 +494,17 @@ def _is_number(value: Any) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     page = make_report(args.run_dir, args.out, num_images=args.num_images)
     print(f"report written to {page}")
@@ -495,5 +515,6 @@ def register_command(subparsers) -> None:
     p = subparsers.add_parser("report", help="plots and an HTML page of a run folder")
     p.add_argument("run_dir", help="run folder (holding metrics.jsonl, config.yaml, checkpoints/)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
-    p.add_argument("--num-images", type=int, default=6, help="validation images in the prediction grid")
+    p.add_argument("--num-images", type=positive_int, default=6,
+                   help="validation images in the prediction grid")
     p.set_defaults(func=cmd_report)

@@ -223,11 +223,11 @@ def test_every_cli_loading_path_refuses_the_payload(payload_setup, tmp_path, cap
     code = cli.main(_cli_args(command, root, config, evil, tmp_path))
 
     assert not marker.exists(), f"{command} ran the payload's code"
-    assert code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1
-    assert "refusing to load" in errors[0] and "not a plain tensor checkpoint" in errors[0]
-    assert "/run/checkpoints/" in errors[0]
+    refusals = [line for line in capsys.readouterr().err.splitlines() if "refusing to load" in line]
+    assert len(refusals) == 1
+    assert "/run/checkpoints/" in refusals[0] and "not a plain tensor checkpoint" in refusals[0]
+    if command != "report":  # a report skips the parts it cannot load, with a warning
+        assert code == 2 and refusals[0].startswith("error: ")
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()
             if p in before} == before
 

@@ -16,15 +16,14 @@ import pytest
 import torch
 
 from conftest import tiny_overrides, write_tiny_dataset
+from farcluss import cli
 from farcluss.engine.checkpoint import load_checkpoint
-
-pytestmark = pytest.mark.slow
 
 ITERATIONS = 12
 CHECKPOINT_INTERVAL = 3
 
-# the run pauses inside its second write of last.pt (at iteration 2 · CHECKPOINT_INTERVAL), after
-# the bytes went to the temporary file and before it replaces last.pt
+# the run pauses inside its second write of last.pt (at iteration 2 · CHECKPOINT_INTERVAL): the
+# temporary file holds part of the bytes, nothing is flushed, fsync'ed or renamed yet
 PAUSING_WRITER = """
 import sys, time
 from pathlib import Path
@@ -105,6 +104,13 @@ def _kill(process: subprocess.Popen) -> None:
     assert process.returncode == -signal.SIGKILL
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """Never leave a paused or running child behind a failed test."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=30)
+
+
 def _train_records(metrics: Path) -> list:
     """Training log records without the wall-clock fields."""
     records = []
@@ -136,6 +142,7 @@ def reference(tmp_path_factory):
     return root, out
 
 
+@pytest.mark.slow
 def test_run_killed_at_a_random_iteration_resumes_bitwise_exactly(reference, tmp_path):
     root, uninterrupted = reference
     out = tmp_path / "killed"
@@ -143,9 +150,12 @@ def test_run_killed_at_a_random_iteration_resumes_bitwise_exactly(reference, tmp
     process = subprocess.Popen([sys.executable, "-m", "farcluss", *_train_args(root, out)],
                                env=_environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (out / "checkpoints" / "last.pt").is_file()
-              and _last_train_iteration(out / "metrics.jsonl") >= kill_after, process)
-    _kill(process)
+    try:
+        _wait_for(lambda: (out / "checkpoints" / "last.pt").is_file()
+                  and _last_train_iteration(out / "metrics.jsonl") >= kill_after, process)
+        _kill(process)
+    finally:
+        _stop(process)
     interrupted_at = load_checkpoint(out / "checkpoints" / "last.pt")["iteration"]
     assert CHECKPOINT_INTERVAL <= interrupted_at < ITERATIONS, f"killed after {kill_after}"
 
@@ -158,6 +168,7 @@ def test_run_killed_at_a_random_iteration_resumes_bitwise_exactly(reference, tmp
     assert [entry["iteration"] for entry in info["resumed_at"]] == [interrupted_at]
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one_and_resumes_exactly(
         reference, tmp_path):
     root, uninterrupted = reference
@@ -168,10 +179,13 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one_and_resumes_exact
     process = subprocess.Popen([sys.executable, "-c", PAUSING_WRITER, str(marker), *args],
                                env=_environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    _wait_for(marker.is_file, process)
-    partial = Path(marker.read_text())
-    assert partial.is_file()
-    _kill(process)
+    try:
+        _wait_for(marker.is_file, process)
+        partial = Path(marker.read_text())
+        assert partial.is_file()
+        _kill(process)
+    finally:
+        _stop(process)
 
     last = out / "checkpoints" / "last.pt"
     state = load_checkpoint(last)  # loadable: the interrupted write never touched it
@@ -182,11 +196,10 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one_and_resumes_exact
     _assert_same_models(last, uninterrupted / "checkpoints" / "last.pt")
 
 
-def test_resume_flag_without_a_checkpoint_is_a_one_line_error(reference, tmp_path):
-    root, _ = reference
+def test_resume_flag_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2)
     out = tmp_path / "fresh"
-    done = subprocess.run([sys.executable, "-m", "farcluss", *_train_args(root, out), "--resume"],
-                          env=_environment(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
+    assert cli.main([*_train_args(root, out), "--resume"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --resume given but {out / 'checkpoints' / 'last.pt'} does not exist"]
+    assert not out.exists()

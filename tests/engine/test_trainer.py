@@ -88,15 +88,24 @@ def test_resuming_with_an_incompatible_config_names_the_way_out(finished_run):
         Trainer(wider, run)
 
 
-def test_no_resume_ignores_last_pt_and_auto_resume_reads_it(tmp_path):
+def test_no_resume_starts_afresh_and_sets_the_old_log_aside(tmp_path):
     root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2)
     cfg = load_config(overrides=tiny_overrides(root, "supervised", 2))
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.pt").write_text("garbage")
-    assert Trainer(cfg, run, resume=False).iteration == 0
+    old_log = '{"type": "train", "iteration": 7, "loss": 0.5}\n'
+    (run / "metrics.jsonl").write_text(old_log)
     with pytest.raises(CheckpointError, match=r"(cannot read checkpoint|refusing to load) .*last\.pt"):
         Trainer(cfg, run)  # the default resumes whenever last.pt exists
+
+    trainer = Trainer(cfg, run, resume=False)
+    assert trainer.iteration == 0
+    trainer.fit()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] == 2
+    assert [r["iteration"] for r in _records(run, "train")] == [1, 2]
+    (set_aside,) = run.glob("metrics.*.jsonl")
+    assert set_aside.read_text() == old_log
 
 
 def test_resume_and_no_resume_together_are_refused(capsys):
@@ -189,3 +198,16 @@ def test_skip_policy_is_not_the_default(tmp_path, monkeypatch):
     _poison(monkeypatch, at_iteration=0, how="images")
     with pytest.raises(TrainingError, match="iteration 1 in term.*no checkpoint was written yet"):
         Trainer(cfg, tmp_path / "run", resume=False).fit()
+
+
+def test_deterministic_mode_turns_on_deterministic_algorithms(tmp_path):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2)
+    cfg = load_config(overrides=tiny_overrides(root, "supervised", 1) + ["train.deterministic=true"])
+    was_on = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        Trainer(cfg, tmp_path / "run", resume=False)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(was_on)

@@ -118,10 +118,10 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
                                   f"({_refusal_reason(message)})") from None
         raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(error)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
-        # a truncated zip, a text file, an I/O error
-        raise CheckpointError(f"cannot read checkpoint {path}: "
-                              f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
-                              ) from None
+        # a truncated zip, a text file, an I/O error: torch's first line says which
+        text = str(error).strip()
+        reason = text.splitlines()[0] if text else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
     return obj

@@ -200,6 +200,7 @@ class Trainer:
             if self.resumed_from is not None:
                 self._record_resume()
                 return
+            self._set_aside_previous_log()
             info = {
                 "farcluss_version": farcluss.__version__,
                 "git_revision": git_revision(),
@@ -217,6 +218,18 @@ class Trainer:
             where = exc.filename or self.paths.root
             raise FarclussError(f"output folder {self.paths.root} is not writable "
                                 f"({where}: {exc.strerror or exc})") from None
+
+    def _set_aside_previous_log(self) -> None:
+        """A fresh start in a used folder keeps the old log beside the new one, not mixed in."""
+        if not self.paths.metrics.is_file():
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.paths.metrics.stat().st_mtime))
+        target = self.paths.metrics.with_name(f"metrics.{stamp}.jsonl")
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = self.paths.metrics.with_name(f"metrics.{stamp}-{suffix}.jsonl")
+        self.paths.metrics.rename(target)
 
     def _record_resume(self) -> None:
         """Note the resume in run.json and drop log records past the checkpoint.

@@ -91,7 +91,9 @@ class Farcluss(MeanTeacherMethod):
         targets = fuzzy_targets(teacher_probs, m.top_k, temperature=m.temperature)
         weights_u = pixel_weights(teacher_probs, mode=m.weighting, beta=m.weighting_beta,
                                   gamma=m.weighting_gamma)
-        pseudo_labels = targets.argmax(dim=1)
+        # max(dim=1).indices is argmax (first maximum on ties); CPU argmax over the channel
+        # dimension takes ~15x longer (3 ms of a 140 ms benchmark step)
+        pseudo_labels = targets.max(dim=1).indices
         kept = valid_mask
         threshold = resolved_threshold(self.cfg)
         if threshold > 0:

@@ -1,0 +1,78 @@
+"""The `farcluss` command line end to end: train then eval on a folder dataset given by --set
+keys alone, --version, and split lists made from a folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import farcluss
+from conftest import TINY_CLASSES, tiny_overrides, write_tiny_dataset
+from farcluss import cli
+from farcluss.data.splits import read_split
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and spinning ones crawl when the cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _sets(overrides: list) -> list:
+    argv = []
+    for override in overrides:
+        argv += ["--set", override]
+    return argv
+
+
+def test_train_then_eval_json_with_set_keys_only(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2)
+    run = tmp_path / "run"
+    overrides = tiny_overrides(root, "fixmatch", 2)
+
+    assert cli.main(["train", *_sets(overrides), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "teacher: mIoU" in out and f"run folder {run}" in out
+
+    checkpoint = run / "checkpoints" / "last.pt"
+    assert cli.main(["eval", *_sets(overrides), "--checkpoint", str(checkpoint), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["class_names"] == TINY_CLASSES
+    assert len(result["per_class_iou"]) == len(TINY_CLASSES)
+    # the final evaluation of the run saw the same teacher on the same images
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final_teacher = [r for r in logged if r["type"] == "eval" and r["model"] == "teacher"][-1]
+    assert result["miou"] == pytest.approx(final_teacher["miou"])
+    assert result["per_class_iou"] == pytest.approx(final_teacher["per_class_iou"])
+
+
+def test_version_through_python_dash_m():
+    done = subprocess.run([sys.executable, "-m", "farcluss", "--version"], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, KMP_BLOCKTIME="0"))
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"farcluss {farcluss.__version__}"
+
+
+def test_splits_from_a_folder_writes_the_three_lists(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=8, n_val=2)
+    out = tmp_path / "splits"
+    code = cli.main(["splits", "--folder", str(root), "--labeled", "3", "--val", "2",
+                     "--seed", "1", "--out", str(out)])
+    assert code == 0
+    labeled = read_split(out / "labeled.txt", root, require_mask=True)
+    unlabeled = read_split(out / "unlabeled.txt", root, require_mask=False)
+    val = read_split(out / "val.txt", root, require_mask=True)
+    assert (len(labeled), len(val), len(unlabeled)) == (3, 2, 5)
+    images = [sample.image for sample in labeled + unlabeled + val]
+    assert sorted(images) == sorted((root / "images").iterdir())
+    assert all(sample.mask == root / "masks" / sample.image.name for sample in labeled + val)
+    printed = capsys.readouterr().out
+    assert f"labeled: 3 samples → {out / 'labeled.txt'}" in printed
