@@ -90,3 +90,25 @@ def test_full_resnet50_forward_at_65_pixels():
     assert logits.shape == (1, 21, 65, 65)
     assert feature.shape == (1, 256, 17, 17)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("size", [(32, 32), (33, 47), (65, 64), (31, 30)])
+def test_feature_size_predicts_the_decoder_resolution(size):
+    model = DeepLabV3Plus(3, backbone="resnet18", base_width=8).eval()
+    with torch.no_grad():
+        _, feature = model(torch.randn(1, 3, *size))
+    assert tuple(feature.shape[-2:]) == DeepLabV3Plus.feature_size(*size)
+
+
+def test_projecting_sampled_pixels_equals_projecting_the_map_at_those_pixels():
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(3, backbone="resnet18", base_width=8, projection_dim=16).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, feature, full = model(images, project=True)
+        index = torch.tensor([0, 5, 63, 64, 127])
+        _, _, sampled = model(images, project_index=index)
+    flat = full.permute(0, 2, 3, 1).reshape(-1, full.shape[1])
+    assert sampled.shape == (5, 16)
+    assert torch.allclose(sampled, flat[index], atol=1e-6)
+    assert torch.allclose(sampled.norm(dim=1), torch.ones(5), atol=1e-5)

@@ -445,10 +445,10 @@ def _render_sample(
     object_classes = rng.choice(len(_OBJECT_CLASSES), size=int(rng.integers(2, 6)), p=_OCCURRENCE)
     decoys = [_DECOYS[int(i)] for i in rng.choice(len(_DECOYS), size=int(rng.random() < 0.5))]
     # (label, shape, texture, area scale, palette); decoys take background colours.
-    items = [
-        (int(offset) + 1, spec.shape, spec.texture, spec.area_scale, spec.palette)
-        for offset, spec in ((offset, _OBJECT_CLASSES[int(offset)]) for offset in object_classes)
-    ]
+    items = []
+    for offset in object_classes:
+        spec = _OBJECT_CLASSES[int(offset)]
+        items.append((int(offset) + 1, spec.shape, spec.texture, spec.area_scale, spec.palette))
     items += [(0, shape, texture, _DECOY_AREA_SCALE, None) for shape, texture in decoys]
     for position in rng.permutation(len(items)):
         label, shape, texture, area_scale, palette = items[int(position)]

@@ -83,10 +83,9 @@ class Farcluss(MeanTeacherMethod):
         student.farcluss_state = FarclussState(self.num_classes, self.cfg.method.projection_dim)
         return student
 
-    # ---- the unlabeled loss ---------------------------------------------------------------------
-    def unsup_loss(self, logits_u: Tensor, teacher_probs: Tensor, valid_mask: Tensor,
-                   state: FarclussState) -> tuple[Tensor, Tensor, Tensor, Dict[str, Tensor]]:
-        """Returns (L_unsup, pseudo_labels, pixel weights u, stats)."""
+    # ---- teacher-side targets (no gradient) --------------------------------------------------
+    def teacher_targets(self, teacher_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Fuzzy targets q (§1), pixel weights u (§2) and pseudo-labels argmax q."""
         m = self.cfg.method
         targets = fuzzy_targets(teacher_probs, m.top_k, temperature=m.temperature)
         weights_u = pixel_weights(teacher_probs, mode=m.weighting, beta=m.weighting_beta,
@@ -94,6 +93,17 @@ class Farcluss(MeanTeacherMethod):
         # max(dim=1).indices is argmax (first maximum on ties); CPU argmax over the channel
         # dimension takes ~15x longer (3 ms of a 140 ms benchmark step)
         pseudo_labels = targets.max(dim=1).indices
+        return targets, weights_u, pseudo_labels
+
+    # ---- the unlabeled loss ---------------------------------------------------------------------
+    def unsup_loss(self, logits_u: Tensor, teacher_probs: Tensor, valid_mask: Tensor,
+                   state: FarclussState, targets: Optional[Tensor] = None,
+                   weights_u: Optional[Tensor] = None,
+                   pseudo_labels: Optional[Tensor] = None) -> tuple[Tensor, Dict[str, Tensor]]:
+        """L_unsup = Σ_x u(x) · w_{argmax q(x)} · ℓ(x) / #valid, and its statistics."""
+        m = self.cfg.method
+        if targets is None or weights_u is None or pseudo_labels is None:
+            targets, weights_u, pseudo_labels = self.teacher_targets(teacher_probs)
         kept = valid_mask
         threshold = resolved_threshold(self.cfg)
         if threshold > 0:
@@ -128,39 +138,9 @@ class Farcluss(MeanTeacherMethod):
         stats["pixel_weight_mean"] = (weights_u * valid_mask).sum() / n_local_valid
         stats.update(class_weight_range(weights_c, counts > 0))
         stats["pseudo_label_frequency"] = batch_counts / batch_counts.sum().clamp_min(1.0)
-        return loss, pseudo_labels, weights_u, stats
-
-    # ---- the contrastive loss -------------------------------------------------------------------
-    def contrastive_loss(self, embeddings: Tensor, pixel_labels: Tensor,
-                         state: FarclussState) -> tuple[Tensor, Dict[str, Tensor]]:
-        """Prototype contrast on sampled pixels of the decoder embedding (§4)."""
-        m = self.cfg.method
-        labels = downsample_labels(pixel_labels, embeddings.shape[-2:])
-        flat_embeddings = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
-        flat_labels = labels.reshape(-1)
-        valid_index = torch.nonzero(flat_labels != self.ignore_index).squeeze(1)
-        flat_embeddings = flat_embeddings[valid_index].float()
-        flat_labels = flat_labels[valid_index]
-        chosen = sample_pixels_per_class(flat_labels, self.num_classes, m.max_pixels_per_class,
-                                         generator=self.generator)
-        flat_embeddings, flat_labels = flat_embeddings[chosen], flat_labels[chosen]
-        sums, counts = prototype_sums(flat_embeddings, flat_labels, self.num_classes)
-        # sums and counts over all ranks, so every rank pulls towards the same prototypes
-        batch_prototypes, present = global_prototypes(sums, counts, reduce=self.reduce)
-        loss, stats = prototype_contrastive_loss(
-            flat_embeddings, flat_labels, batch_prototypes, present, state.prototypes,
-            state.prototype_initialized, temperature=m.contrastive_temperature,
-            pixel_count=self.global_count,
-        )
-        with torch.no_grad():
-            bank, initialized = update_prototype_bank(
-                state.prototypes, state.prototype_initialized, batch_prototypes.detach(),
-                present, momentum=m.prototype_momentum,
-            )
-            state.prototypes.copy_(bank)
-            state.prototype_initialized.copy_(initialized)
         return loss, stats
 
+    # ---- the contrastive loss -------------------------------------------------------------------
     def contrastive_labels(self, masks_l: Tensor, pseudo_labels: Optional[Tensor],
                            weights_u: Optional[Tensor], valid_u: Optional[Tensor]) -> Tensor:
         """Ground truth on labeled pixels; argmax q on unlabeled pixels with u(x) > 0.5."""
@@ -170,38 +150,93 @@ class Farcluss(MeanTeacherMethod):
                                   weight_threshold=self.cfg.method.contrastive_weight_threshold,
                                   ignore_index=self.ignore_index, valid_mask=valid_u)
 
+    def sample_contrastive_pixels(self, pixel_labels: Tensor, feature_size: tuple[int, int]
+                                  ) -> tuple[Tensor, Tensor]:
+        """Indices into the ``B·h·w`` decoder pixels (at most `max_pixels_per_class` per class)
+        and their labels; only these pixels go through the projection head.
+
+        Fewer than two pixels are padded with ignored ones: the head's BatchNorm needs two
+        values, and under DDP every rank must run the head so its gradients stay in step.
+        """
+        labels = downsample_labels(pixel_labels, feature_size).reshape(-1)
+        valid_index = torch.nonzero(labels != self.ignore_index).squeeze(1)
+        chosen = sample_pixels_per_class(labels[valid_index], self.num_classes,
+                                         self.cfg.method.max_pixels_per_class,
+                                         generator=self.generator)
+        index = valid_index[chosen]
+        sampled_labels = labels[index]
+        if index.numel() < 2:
+            padding = torch.arange(2 - index.numel(), device=index.device)
+            index = torch.cat([index, padding])
+            sampled_labels = torch.cat([sampled_labels,
+                                        torch.full_like(padding, self.ignore_index)])
+        return index, sampled_labels
+
+    def contrastive_loss(self, embeddings: Tensor, labels: Tensor,
+                         state: FarclussState) -> tuple[Tensor, Dict[str, Tensor]]:
+        """Prototype contrast (§4) on the embeddings ``N × D`` of the sampled pixels."""
+        m = self.cfg.method
+        keep = labels != self.ignore_index
+        kept_embeddings, kept_labels = embeddings.float()[keep], labels[keep]
+        sums, counts = prototype_sums(kept_embeddings, kept_labels, self.num_classes)
+        # sums and counts over all ranks, so every rank pulls towards the same prototypes
+        batch_prototypes, present = global_prototypes(sums, counts, reduce=self.reduce)
+        loss, stats = prototype_contrastive_loss(
+            kept_embeddings, kept_labels, batch_prototypes, present, state.prototypes,
+            state.prototype_initialized, temperature=m.contrastive_temperature,
+            pixel_count=self.global_count,
+        )
+        # keeps the padded pixels' (zero) gradient path, so every rank's head joins backward
+        loss = loss + 0.0 * embeddings.sum()
+        with torch.no_grad():
+            bank, initialized = update_prototype_bank(
+                state.prototypes, state.prototype_initialized, batch_prototypes.detach(),
+                present, momentum=m.prototype_momentum,
+            )
+            state.prototypes.copy_(bank)
+            state.prototype_initialized.copy_(initialized)
+        return loss, stats
+
     # ---- one iteration ------------------------------------------------------------------------
     def losses(self, batch: Batch, student: nn.Module, teacher: Optional[nn.Module],
                iteration: int) -> LossOutput:
         m = self.cfg.method
-        state = _unwrap(student).farcluss_state
+        model = _unwrap(student)
+        state = model.farcluss_state
         n_l = batch.images_l.shape[0]
         terms: Dict[str, Tensor] = {}
         weights: Dict[str, float] = {"sup": 1.0}
         stats: Dict[str, Tensor] = {}
 
+        view = targets = weights_u = pseudo_labels = None
         if self.unsup_active(iteration) and teacher is not None:
             view = self.teacher_view(teacher, batch)
+            targets, weights_u, pseudo_labels = self.teacher_targets(view.teacher_probs)
             images = torch.cat([batch.images_l, view.images_u_strong])
         else:
-            view = None
             images = batch.images_l
-        outputs = student(images, project=True) if self.contrastive_on else student(images)
-        logits = outputs[0]
+
+        if self.contrastive_on:
+            # the pixels of the contrastive loss are known before the forward (ground truth and
+            # the teacher's confident pseudo-labels), so the head projects only those
+            pixel_labels = self.contrastive_labels(
+                batch.masks_l, pseudo_labels, weights_u, view.valid_mask if view else None)
+            feature_size = model.feature_size(*images.shape[-2:])
+            project_index, contrast_labels = self.sample_contrastive_pixels(pixel_labels, feature_size)
+            logits, _, embeddings = student(images, project_index=project_index)
+        else:
+            logits = student(images)[0]
         terms["sup"] = self.supervised_loss(logits[:n_l], batch.masks_l)
 
-        pseudo_labels = weights_u = None
         if view is not None:
-            terms["unsup"], pseudo_labels, weights_u, unsup_stats = self.unsup_loss(
-                logits[n_l:], view.teacher_probs, view.valid_mask, state)
+            terms["unsup"], unsup_stats = self.unsup_loss(
+                logits[n_l:], view.teacher_probs, view.valid_mask, state,
+                targets=targets, weights_u=weights_u, pseudo_labels=pseudo_labels)
             weights["unsup"] = self.ramp_weight(iteration)
             stats.update(unsup_stats)
 
         if self.contrastive_on:
-            embeddings = outputs[2]
-            pixel_labels = self.contrastive_labels(
-                batch.masks_l, pseudo_labels, weights_u, view.valid_mask if view else None)
-            terms["con"], con_stats = self.contrastive_loss(embeddings, pixel_labels, state)
+            terms["con"], con_stats = self.contrastive_loss(embeddings, contrast_labels, state)
             weights["con"] = m.lambda_c
             stats.update(con_stats)
         return LossOutput(terms=terms, weights=weights, stats=stats)

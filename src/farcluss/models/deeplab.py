@@ -94,6 +94,11 @@ class ProjectionHead(nn.Module):
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.layers(feature), p=2.0, dim=1)
 
+    def forward_pixels(self, pixel_features: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``N × out`` of ``N × in`` pixel features: the same 1×1 convs, applied only
+        to the pixels a loss uses, so memory does not grow with the image."""
+        return self(pixel_features[:, :, None, None]).flatten(1)
+
 
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ returning ``(logits, feature)``, or ``(logits, feature, embedding)`` with
@@ -182,12 +187,27 @@ class DeepLabV3Plus(nn.Module):
             raise RuntimeError("this model has no projection head (projection_dim=0)")
         return self.projection(feature)
 
-    def forward(self, images: torch.Tensor, project: bool = False
+    @staticmethod
+    def feature_size(height: int, width: int) -> Tuple[int, int]:
+        """Spatial size of the decoder feature for an input of ``height × width``: the stem's
+        stride-2 conv and max-pool each round up."""
+        return (height + 3) // 4, (width + 3) // 4
+
+    def forward(self, images: torch.Tensor, project: bool = False,
+                project_index: Optional[torch.Tensor] = None
                 ) -> Union[Tuple[torch.Tensor, torch.Tensor],
                            Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``project=True`` adds embeddings of every decoder pixel (``B × D × h × w``);
+        ``project_index`` (indices into the ``B·h·w`` decoder pixels, batch-major) adds
+        embeddings of those pixels only (``N × D``), which is what the contrastive loss needs."""
         feature = self.decode(images)
         logits = F.interpolate(self.classifier(feature), size=images.shape[-2:], mode="bilinear",
                                align_corners=False)
+        if project_index is not None:
+            if self.projection is None:
+                raise RuntimeError("this model has no projection head (projection_dim=0)")
+            pixel_features = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
+            return logits, feature, self.projection.forward_pixels(pixel_features[project_index])
         if project:
             return logits, feature, self.project(feature)
         return logits, feature
