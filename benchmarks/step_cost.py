@@ -152,7 +152,7 @@ def unimatch_style_step(trainer: Trainer, batch: Batch) -> None:
         kept = valid & (confidence >= threshold)
         return (pixel_ce(logits, pseudo_labels) * kept).sum() / valid.sum().clamp_min(1)
 
-    with autocast_context(trainer.device, cfg.train.amp):
+    with autocast_context(trainer.device, trainer.amp):
         with torch.no_grad():
             teacher_probs = torch.softmax(teacher(batch.images_u_weak)[0].float(), dim=1)
         strong_1, probs_1, valid_1 = _strong_view(trainer, batch, teacher_probs)
@@ -425,7 +425,7 @@ def run(args: argparse.Namespace) -> dict:
         data_wait = measure_data_wait(settings, args.data_iterations, args.workers)
 
     by_name = {v["name"]: v for v in variants}
-    farcluss, fixmatch = by_name["farcluss"], by_name["fixmatch"]
+    farcluss = by_name["farcluss"]
     extra_memory = (None if farcluss["memory_ratio_to_fixmatch"] is None
                     else farcluss["memory_ratio_to_fixmatch"] - 1.0)
     measured = {

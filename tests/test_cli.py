@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import farcluss
 from conftest import TINY_CLASSES, tiny_overrides, write_tiny_dataset
@@ -17,13 +16,6 @@ from farcluss import cli
 from farcluss.data.splits import read_split
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and spinning ones crawl when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _sets(overrides: list) -> list:

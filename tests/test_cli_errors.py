@@ -24,13 +24,6 @@ from farcluss.engine.checkpoint import save_atomic
 from farcluss.errors import DataError
 from farcluss.methods import build_method
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and spinning ones crawl when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # labeled samples are 000-003: with batches of 2, four iterations read every one of them

@@ -100,3 +100,12 @@ def test_strong_view_is_computed_in_float32_under_autocast():
     with BF16_CPU:
         mixed = augment.apply(images, params)
     assert torch.equal(mixed, augment.apply(images, params))
+
+
+def test_auto_amp_resolves_to_a_concrete_mode():
+    from farcluss.engine.trainer import _cpu_has_native_bf16, resolve_amp
+
+    cpu = torch.device("cpu")
+    assert resolve_amp("off", cpu) == "off"
+    assert resolve_amp("bf16", cpu) == "bf16"
+    assert resolve_amp("auto", cpu) == ("bf16" if _cpu_has_native_bf16() else "off")

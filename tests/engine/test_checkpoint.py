@@ -20,13 +20,6 @@ from farcluss.engine import checkpoint as ckpt
 from farcluss.errors import CheckpointError
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and spinning ones crawl when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---- atomic writes ----------------------------------------------------------------------------

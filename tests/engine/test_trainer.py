@@ -21,13 +21,6 @@ from farcluss.errors import CheckpointError
 from farcluss.methods.farcluss import Farcluss
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and spinning ones crawl when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _records(run: Path, kind: str) -> list:

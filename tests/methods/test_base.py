@@ -17,13 +17,6 @@ CUTMIX_ONLY = ["augment.jitter_prob=0", "augment.grayscale_prob=0", "augment.blu
                "augment.cutmix_prob=1", "augment.cutmix_area=[0.2, 0.4]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions on a shared 2-core machine run many times faster on one thread
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class IdentityTeacher(nn.Module):

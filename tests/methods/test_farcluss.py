@@ -18,13 +18,6 @@ FIXMATCH_EQUIVALENT = ["method.top_k=1", "method.weighting=none", "method.rebala
                        "method.contrastive=off", "method.threshold=0.95"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions on a shared 2-core machine run many times faster on one thread
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class ConstantStudent(nn.Module):

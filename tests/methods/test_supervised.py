@@ -11,13 +11,6 @@ from farcluss.methods.supervised import Supervised
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions on a shared 2-core machine run many times faster on one thread
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _supervised(*overrides: str) -> Supervised:

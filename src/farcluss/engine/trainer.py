@@ -76,6 +76,26 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
     return device
 
 
+def _cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matrix products run ~2.5x faster than fp32 there; elsewhere
+    they are emulated and slower, so `auto` keeps fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """`train.amp` in force: `auto` is bf16 where the hardware runs it natively, else off."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "off"
+    return "bf16" if _cpu_has_native_bf16() else "off"
+
+
 def autocast_context(device: torch.device, amp: str):
     if amp == "off":
         return contextlib.nullcontext()
@@ -139,6 +159,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device, self.env)
         if cfg.train.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("config key 'train.amp' is fp16, which needs CUDA; use bf16 on CPU")
+        self.amp = resolve_amp(cfg.train.amp, self.device)
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -174,7 +195,7 @@ class Trainer:
         self.ema_steps = 0
         self.optimizer = build_optimizer(student, cfg.train.lr, cfg.train.head_lr_multiplier,
                                          cfg.train.momentum, cfg.train.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         if self.env.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.student_ddp: nn.Module = nn.parallel.DistributedDataParallel(
@@ -210,6 +231,7 @@ class Trainer:
                 "global_batch_unlabeled": self._unlabeled_batch_size() * self.env.world_size
                 if self.method.uses_unlabeled else 0,
                 "device": str(self.device),
+                "amp": self.amp,
                 "torch_version": torch.__version__,
                 "classes": self.data.classes,
             }
@@ -289,15 +311,21 @@ class Trainer:
         dist.all_gather_object(gathered, local)
         return gathered
 
-    def _checkpoint_state(self, rank_states: List[dict]) -> dict:
+    def _model_state(self, format_version: int) -> dict:
+        """What every checkpoint holds: enough to rebuild and evaluate the models."""
         return {
-            "format": 2,
+            "format": format_version,
             "farcluss_version": farcluss.__version__,
             "iteration": self.iteration,
             "config": self.cfg.to_dict(),
             "classes": list(self.data.classes),
             "student": self.student.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+        }
+
+    def _checkpoint_state(self, rank_states: List[dict]) -> dict:
+        return {
+            **self._model_state(2),
             "ema_steps": self.ema_steps,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -314,17 +342,7 @@ class Trainer:
     def _save_best(self, miou: float) -> None:
         if not self.env.is_main:
             return
-        state = {
-            "format": 1,
-            "farcluss_version": farcluss.__version__,
-            "iteration": self.iteration,
-            "config": self.cfg.to_dict(),
-            "classes": list(self.data.classes),
-            "student": self.student.state_dict(),
-            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
-            "miou": miou,
-        }
-        ckpt.save_atomic(state, self.paths.best)
+        ckpt.save_atomic({**self._model_state(2), "miou": miou}, self.paths.best)
 
     def _resume(self, resume: Optional[bool]) -> None:
         exists = self.paths.last.is_file()
@@ -471,7 +489,7 @@ class Trainer:
         # skipped step puts them back so one bad batch cannot poison the rest of the run
         saved_buffers = ([buffer.detach().clone() for buffer in self.student.buffers()]
                          if cfg.train.nan_policy == "skip" else None)
-        with autocast_context(self.device, cfg.train.amp):
+        with autocast_context(self.device, self.amp):
             output = self.method.losses(batch, self.student_ddp, self.teacher, self.iteration)
             total = output.total()
         self.optimizer.zero_grad(set_to_none=True)
