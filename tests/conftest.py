@@ -72,7 +72,7 @@ def tiny_overrides(root: Path, method: str = "farcluss", iterations: int = 4) ->
         f"train.iterations={iterations}", "train.batch_size=2", "train.num_workers=0",
         "train.eval_interval=1000", "train.log_interval=1", "train.checkpoint_interval=1000",
         "train.lr=0.01", "train.progress=false", "method.projection_dim=16",
-        "method.ema_momentum=0.9",
+        "method.ema_momentum=0.9", "train.amp=off",
     ]
 
 

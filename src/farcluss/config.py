@@ -186,8 +186,8 @@ class TrainConfig:
     device: str = "auto"
     #: data-loader worker processes per training process
     num_workers: int = 2
-    #: mixed precision: off | auto (bf16 where the CPU or GPU runs it natively, else off) | bf16 | fp16 (CUDA, with a GradScaler)
-    amp: Literal["off", "auto", "bf16", "fp16"] = "off"
+    #: mixed precision: off | auto (bf16 on CPUs with AVX-512 BF16 or AMX, where it is ~2x faster; fp32 elsewhere and on CUDA) | bf16 | fp16 (CUDA, with a GradScaler)
+    amp: Literal["off", "auto", "bf16", "fp16"] = "auto"
     #: NHWC memory layout (faster convolutions on recent GPUs)
     channels_last: bool = False
     #: SyncBatchNorm across ranks (CUDA + DDP only)

@@ -53,6 +53,7 @@ def _overrides(root: Path, method: str, batch_size: int) -> list[str]:
         f"train.iterations={ITERATIONS}", f"train.batch_size={batch_size}", "train.device=cpu",
         "train.num_workers=0", "train.eval_interval=1000", "train.log_interval=1",
         "train.checkpoint_interval=1000", "train.progress=false", "train.freeze_bn=true",
+        "train.amp=off",
         # frozen statistics of a random init: a small step keeps the tiny net finite
         "train.lr=0.002", "train.head_lr_multiplier=1.0",
         "augment.cutmix_prob=0", "method.ramp=0", "method.ema_momentum=0.9",

@@ -37,7 +37,10 @@ def pause_in_second_write(tmp_path):
     if tmp_path.name.startswith(".last.pt"):
         writes.append(tmp_path)
         if len(writes) == 2:
-            marker.write_text(str(tmp_path))
+            # rename: the test must never read a half-written marker
+            staging = marker.with_name(marker.name + ".partial")
+            staging.write_text(str(tmp_path))
+            staging.replace(marker)
             time.sleep(600)
 
 checkpoint._write_hook = pause_in_second_write

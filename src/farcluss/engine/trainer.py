@@ -88,11 +88,12 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """`train.amp` in force: `auto` is bf16 where the hardware runs it natively, else off."""
+    """`train.amp` in force: `auto` is bf16 on a CPU that runs it natively, else off."""
     if amp != "auto":
         return amp
+    # on CUDA the published recipes are fp32; bf16/fp16 there is an explicit choice
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "off"
+        return "off"
     return "bf16" if _cpu_has_native_bf16() else "off"
 
 

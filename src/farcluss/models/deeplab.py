@@ -206,8 +206,11 @@ class DeepLabV3Plus(nn.Module):
         if project_index is not None:
             if self.projection is None:
                 raise RuntimeError("this model has no projection head (projection_dim=0)")
-            pixel_features = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
-            return logits, feature, self.projection.forward_pixels(pixel_features[project_index])
+            # gather from the B×C×(h·w) view: no copy of the whole decoder map
+            pixels_per_image = feature.shape[2] * feature.shape[3]
+            pixel_features = feature.flatten(2)[project_index // pixels_per_image, :,
+                                                project_index % pixels_per_image]
+            return logits, feature, self.projection.forward_pixels(pixel_features)
         if project:
             return logits, feature, self.project(feature)
         return logits, feature
