@@ -102,6 +102,8 @@ class MethodConfig:
     rebalance_alpha: float = 1.0
     #: class weights are clipped to this range after mean-normalisation
     rebalance_clip: Tuple[float, float] = (0.1, 10.0)
+    #: weights are scaled to mean 1 over the present classes (METHOD.md) or over the pixels, which keeps the unlabeled loss at its scale
+    rebalance_normalize: Literal["classes", "pixels"] = "classes"
     #: EMA momentum of the class counts (rebalance=ema)
     rebalance_momentum: float = 0.99
     #: "pixel": w_{argmax q} multiplies the pixel loss (METHOD.md default); "inside": −Σ_c w_c q_c log p_c

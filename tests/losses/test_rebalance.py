@@ -66,3 +66,20 @@ def test_ema_counts_start_from_first_batch_then_average():
     assert first.tolist() == [10.0, 0.0]
     second = ema_counts(first, torch.tensor([0.0, 20.0]), momentum=0.9)
     assert torch.allclose(second, torch.tensor([9.0, 2.0]))
+
+
+def test_pixel_normalised_weights_keep_the_mean_pixel_weight_at_one():
+    # counts [60, 30, 10]: raw w = N/(C_b n_c) = [100/180, 100/90, 100/30] = [5/9, 10/9, 10/3]
+    # mean over pixels: (60·5/9 + 30·10/9 + 10·10/3) / 100 = (100/3 + 100/3 + 100/3) / 100 = 1
+    # so the pixel-normalised weights equal the raw ones; the class mean would be 5/3 instead
+    counts = torch.tensor([60.0, 30.0, 10.0])
+    by_pixels = class_weights(counts, alpha=1.0, clip=(0.01, 100.0), normalize="pixels")
+    assert torch.allclose(by_pixels, torch.tensor([5 / 9, 10 / 9, 10 / 3]), atol=1e-6)
+    assert torch.allclose((by_pixels * counts).sum() / counts.sum(), torch.tensor(1.0))
+    by_classes = class_weights(counts, alpha=1.0, clip=(0.01, 100.0), normalize="classes")
+    assert torch.allclose(by_classes, torch.tensor([5 / 9, 10 / 9, 10 / 3]) / (5 / 3), atol=1e-6)
+
+
+def test_unknown_normalisation_is_rejected():
+    with pytest.raises(ValueError, match="normalize"):
+        class_weights(torch.tensor([1.0, 2.0]), normalize="median")

@@ -41,13 +41,20 @@ def class_weights(
     counts: torch.Tensor,
     alpha: float = 1.0,
     clip: tuple[float, float] = (0.1, 10.0),
+    normalize: str = "classes",
 ) -> torch.Tensor:
     """Inverse-frequency class weights normalised to mean 1 over the present classes.
 
         w_c = (N / (C_b · n_c))^α          for n_c > 0   (N = Σ n_c, C_b = #{c : n_c > 0})
-        w_c ← w_c / mean_{n_c' > 0} w_c'
+        w_c ← w_c / mean_{n_c' > 0} w_c'                       (normalize="classes", METHOD.md)
+        w_c ← w_c / (Σ_c' n_c' w_c' / N)                       (normalize="pixels")
         w_c ← clip(w_c, lo, hi)
         w_c = 1                            for n_c = 0
+
+    "classes" (the spec's reading) makes the average *class* weight 1; on long-tailed pseudo-
+    labels the dominant class then falls to the lower clip and the mean *pixel* weight far below
+    1, which shrinks the whole unlabeled loss. "pixels" makes the mean weight over the pixels 1:
+    the same redistribution towards rare classes at an unchanged loss scale.
 
     An absent class gets weight 1 because no pixel carries that pseudo-label, so its weight
     multiplies nothing in `weighted_unsup_loss`; 1 keeps the "inside the soft CE" variant
@@ -57,6 +64,7 @@ def class_weights(
         counts: length-C pixel counts n_c (e.g. from `class_counts` or `ema_counts`).
         alpha: exponent α ≥ 0; 1 is plain inverse frequency.
         clip: (lo, hi) bounds applied after the normalisation.
+        normalize: "classes" (mean over present classes is 1) or "pixels" (mean over pixels is 1).
 
     Returns:
         Length-C float32 weights, no gradient.
@@ -68,8 +76,13 @@ def class_weights(
     safe_counts = torch.where(present, counts, torch.ones_like(counts))
     raw = (total / (num_present * safe_counts)).pow(alpha)
     raw = torch.where(present, raw, torch.zeros_like(raw))
-    mean_present = (raw.sum() / num_present).clamp_min(torch.finfo(raw.dtype).tiny)
-    weights = (raw / mean_present).clamp(clip[0], clip[1])
+    if normalize == "classes":
+        scale = raw.sum() / num_present
+    elif normalize == "pixels":
+        scale = (raw * counts).sum() / total.clamp_min(1.0)
+    else:
+        raise ValueError(f"normalize must be 'classes' or 'pixels', got {normalize!r}")
+    weights = (raw / scale.clamp_min(torch.finfo(raw.dtype).tiny)).clamp(clip[0], clip[1])
     return torch.where(present, weights, torch.ones_like(weights))
 
 

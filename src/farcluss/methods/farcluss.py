@@ -119,7 +119,8 @@ class Farcluss(MeanTeacherMethod):
         if m.rebalance == "off":
             weights_c = torch.ones(self.num_classes, device=logits_u.device)
         else:
-            weights_c = class_weights(counts, alpha=m.rebalance_alpha, clip=m.rebalance_clip)
+            weights_c = class_weights(counts, alpha=m.rebalance_alpha, clip=m.rebalance_clip,
+                                      normalize=m.rebalance_normalize)
 
         if m.rebalance_apply == "inside" and m.rebalance != "off":
             per_pixel = soft_cross_entropy(logits_u, targets, class_weights=weights_c)
