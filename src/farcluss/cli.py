@@ -8,7 +8,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 from farcluss.errors import FarclussError
 
@@ -196,28 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("root", help="Cityscapes root (holding gtFine/)")
     p.set_defaults(func=cmd_data)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    from farcluss import bench, demo, export, predict, report
+
+    for module in (demo, bench, predict, export, report):
+        module.register_command(sub)
     return parser
-
-
-#: other modules add their subcommands here (demo, bench, predict, export, report)
-_EXTRA_COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = []
-
-
-def _register_extras() -> None:
-    import importlib
-
-    for module in ("farcluss.demo", "farcluss.bench", "farcluss.predict", "farcluss.export",
-                   "farcluss.report"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                continue
-            raise
-        if mod.register_command not in _EXTRA_COMMANDS:  # main() may run twice in one process
-            _EXTRA_COMMANDS.append(mod.register_command)
 
 
 def error_line(error: BaseException) -> str:
@@ -241,7 +224,6 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    _register_extras()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

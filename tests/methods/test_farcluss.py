@@ -10,6 +10,7 @@ from farcluss.errors import ConfigError
 from farcluss.methods import build_method
 from farcluss.methods.base import Batch
 from farcluss.methods.farcluss import Farcluss, FarclussState
+from doubles import FixedTeacher
 
 NUM_CLASSES = 3
 SIZE = 8
@@ -33,19 +34,6 @@ class ConstantStudent(nn.Module):
         return self.logits.view(1, -1, 1, 1).expand(b, -1, h, w), images
 
 
-class FixedTeacher(nn.Module):
-    """Test double: returns log-probabilities, so softmax gives back exactly `probs`."""
-
-    def __init__(self, probs: torch.Tensor):
-        super().__init__()
-        self.register_buffer("log_probs", probs.log())
-        self.calls = 0
-
-    def forward(self, images):
-        self.calls += 1
-        assert images.shape[0] == self.log_probs.shape[0]
-        assert images.shape[-2:] == self.log_probs.shape[-2:]
-        return self.log_probs.clone(), images
 
 
 def _farcluss(*overrides: str, num_classes: int = NUM_CLASSES) -> Farcluss:

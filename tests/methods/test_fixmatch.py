@@ -8,6 +8,7 @@ from farcluss.config import load_config, resolved_threshold
 from farcluss.methods import build_method
 from farcluss.methods.base import Batch
 from farcluss.methods.fixmatch import FixMatch
+from doubles import FixedTeacher
 
 NUM_CLASSES = 3
 SIZE = 8
@@ -25,18 +26,6 @@ class ConstantStudent(nn.Module):
         return self.logits.view(1, -1, 1, 1).expand(b, -1, h, w), images
 
 
-class FixedTeacher(nn.Module):
-    """Test double: returns log-probabilities, so softmax gives back exactly `probs`."""
-
-    def __init__(self, probs: torch.Tensor):
-        super().__init__()
-        self.register_buffer("log_probs", probs.log())
-        self.calls = 0
-
-    def forward(self, images):
-        self.calls += 1
-        assert images.shape[0] == self.log_probs.shape[0]
-        return self.log_probs.clone(), images
 
 
 def _pixels(*per_image):

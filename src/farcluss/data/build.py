@@ -50,9 +50,9 @@ def _split_path(root: Path, value: str) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def resolve_classes(cfg: Config) -> List[str]:
+def resolve_classes(cfg: Config, root: Path) -> List[str]:
+    """Class names from `data.classes` (a list or a file under `root`), else from the preset."""
     d = cfg.data
-    root = dataset_root(cfg)
     if isinstance(d.classes, list):
         return read_classes(d.classes, d.num_classes)
     if isinstance(d.classes, str) and d.classes:
@@ -65,8 +65,9 @@ def resolve_classes(cfg: Config) -> List[str]:
 def build_data(cfg: Config, need_unlabeled: Optional[bool] = None, need_train: bool = True) -> DataBundle:
     """Read classes and split lists (files are checked lazily, when a sample is loaded)."""
     d = cfg.data
-    classes = resolve_classes(cfg)
+    # resolved once: for the built-in benchmark it scans (and may first build) the dataset
     root = dataset_root(cfg)
+    classes = resolve_classes(cfg, root)
     if need_unlabeled is None:
         need_unlabeled = cfg.method.name != "supervised"
     labeled = read_split(_split_path(root, d.labeled), root, require_mask=True) if need_train else []
