@@ -24,6 +24,7 @@ ABLATIONS = {
     "weighting_power": {"weighting": "power", "weighting_gamma": 2.0},
     "rebalance_ema": {"rebalance": "ema", "rebalance_momentum": 0.99},
     "rebalance_pixels": {"rebalance_normalize": "pixels"},
+    "unsup_weighted_mean": {"unsup_normalize": "weights"},
     "fixmatch_equivalent": {"top_k": 1, "weighting": "none", "rebalance": "off",
                             "contrastive": "off", "threshold": 0.95},
 }

@@ -108,6 +108,8 @@ class MethodConfig:
     rebalance_momentum: float = 0.99
     #: "pixel": w_{argmax q} multiplies the pixel loss (METHOD.md default); "inside": −Σ_c w_c q_c log p_c
     rebalance_apply: Literal["pixel", "inside"] = "pixel"
+    #: denominator of L_unsup: valid (the valid pixel count, METHOD.md) | weights (the sum of u·w: a weighted mean that keeps the loss at its scale)
+    unsup_normalize: Literal["valid", "weights"] = "valid"
     #: prototype contrastive loss on the decoder feature: off | prototype
     contrastive: Literal["off", "prototype"] = "prototype"
     #: weight of the contrastive loss (0 skips the projection head)

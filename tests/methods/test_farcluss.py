@@ -235,6 +235,24 @@ def test_logged_statistics_by_hand():
     assert output.terms["unsup"].item() == pytest.approx((1 + certainty) / 2 * LOG_C, rel=1e-5)
 
 
+def test_weights_normalisation_keeps_the_unsup_loss_at_its_unweighted_scale():
+    # every pixel costs log C against the constant student: a weighted mean of log C is log C,
+    # whatever the pixel weights (1 and `certainty`) and class weights (0.5 and 1.5) are
+    unsure = [0.2, 0.5, 0.3]
+    for teacher, batch in [(FixedTeacher(_probs(ONE_HOT, unsure)), _batch()),
+                           (_absent_class_teacher(), _batch(num_unlabeled=1))]:
+        output = _stub_method("method.unsup_normalize=weights").losses(
+            batch, ConstantStudent(), teacher, 50)
+        assert output.terms["unsup"].item() == pytest.approx(LOG_C, rel=1e-5)
+
+
+def test_weights_normalisation_of_a_uniform_teacher_is_zero_not_nan():
+    method = _stub_method("method.unsup_normalize=weights")
+    output = method.losses(_batch(), ConstantStudent(), FixedTeacher(_probs(UNIFORM, UNIFORM)), 50)
+    _assert_finite(output)
+    assert output.terms["unsup"].item() == pytest.approx(0.0, abs=1e-6)
+
+
 @pytest.mark.parametrize("mode, weight", [
     ("none", lambda h: 1.0),
     ("entropy", lambda h: 1 - h),

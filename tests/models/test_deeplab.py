@@ -1,9 +1,10 @@
 import pytest
 import torch
+from torch import nn
 
 from farcluss.errors import ConfigError
 from farcluss.models import build_model
-from farcluss.models.deeplab import DeepLabV3Plus
+from farcluss.models.deeplab import DeepLabV3Plus, ProjectionHead
 
 NUM_CLASSES = 5
 
@@ -112,3 +113,26 @@ def test_projecting_sampled_pixels_equals_projecting_the_map_at_those_pixels():
     assert sampled.shape == (5, 16)
     assert torch.allclose(sampled, flat[index], atol=1e-6)
     assert torch.allclose(sampled.norm(dim=1), torch.ones(5), atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_projecting_pixels_matches_the_conv_head_in_training_values_and_gradients(norm):
+    torch.manual_seed(0)
+    norm_layer = nn.BatchNorm2d if norm == "batch" else (lambda c: nn.GroupNorm(4, c))
+    # float64: the two paths sum in different orders, and a 2-channel group norm amplifies that
+    head = ProjectionHead(12, 8, 6, norm_layer).double().train()
+    pixels = torch.randn(10, 12, dtype=torch.float64, requires_grad=True)
+
+    by_linear = head.forward_pixels(pixels)
+    by_linear.pow(3).sum().backward()
+    linear_grads = [p.grad.clone() for p in head.parameters()] + [pixels.grad.clone()]
+    head.zero_grad()
+    pixels.grad = None
+
+    by_conv = head(pixels[:, :, None, None]).flatten(1)
+    by_conv.pow(3).sum().backward()
+    conv_grads = [p.grad for p in head.parameters()] + [pixels.grad]
+
+    assert torch.allclose(by_linear, by_conv, atol=1e-12)
+    for linear_grad, conv_grad in zip(linear_grads, conv_grads):
+        assert torch.allclose(linear_grad, conv_grad, atol=1e-10)

@@ -1,7 +1,7 @@
 """FARCLUSS (METHOD.md): a mean teacher whose unlabeled loss keeps uncertain pixels as signal.
 
     L = L_sup + λ_u · r(t) · L_unsup + λ_c · L_con
-    L_unsup = Σ_x u(x) · w_{argmax q(x)} · ℓ(x) / #valid
+    L_unsup = Σ_x u(x) · w_{argmax q(x)} · ℓ(x) / #valid      (method.unsup_normalize=valid)
 
 with fuzzy top-K targets q (§1), entropy pixel weights u (§2), batch class weights w (§3) and a
 prototype contrastive loss on the decoder feature (§4). Every reading is a config value; with
@@ -23,6 +23,7 @@ from farcluss.losses.contrastive import (contrastive_labels, downsample_labels,
                                          update_prototype_bank)
 from farcluss.losses.fuzzy import fuzzy_targets, soft_cross_entropy
 from farcluss.losses.rebalance import class_counts, class_weights, ema_counts
+from farcluss.losses.unsup import weighted_unsup_loss
 from farcluss.losses.weighting import pixel_weights
 from farcluss.methods.base import (Batch, LossOutput, MeanTeacherMethod, Reduce, _identity,
                                    confidence_stats)
@@ -100,7 +101,7 @@ class Farcluss(MeanTeacherMethod):
                    state: FarclussState, targets: Optional[Tensor] = None,
                    weights_u: Optional[Tensor] = None,
                    pseudo_labels: Optional[Tensor] = None) -> tuple[Tensor, Dict[str, Tensor]]:
-        """L_unsup = Σ_x u(x) · w_{argmax q(x)} · ℓ(x) / #valid, and its statistics."""
+        """L_unsup = Σ_x u(x) · w_{argmax q(x)} · ℓ(x) / #valid (or / Σ_x u·w), and its statistics."""
         m = self.cfg.method
         if targets is None or weights_u is None or pseudo_labels is None:
             targets, weights_u, pseudo_labels = self.teacher_targets(teacher_probs)
@@ -124,15 +125,13 @@ class Farcluss(MeanTeacherMethod):
 
         if m.rebalance_apply == "inside" and m.rebalance != "off":
             per_pixel = soft_cross_entropy(logits_u, targets, class_weights=weights_c)
-            class_factor = torch.ones_like(weights_u)
+            class_factor = None
         else:
             per_pixel = soft_cross_entropy(logits_u, targets)
             class_factor = weights_c[pseudo_labels]
-        # where, not a product with the mask: a non-finite loss on a padded pixel must not leak
-        weighted = torch.where(kept, weights_u * class_factor * per_pixel,
-                               torch.zeros_like(per_pixel))
-        n_valid = self.global_count(valid_mask.sum())
-        loss = weighted.sum() / n_valid.clamp_min(1.0)
+        gated_weights = weights_u if kept is valid_mask else weights_u * kept
+        loss = weighted_unsup_loss(per_pixel, gated_weights, class_factor, valid_mask,
+                                   normalize=m.unsup_normalize, global_count=self.global_count)
 
         stats = confidence_stats(teacher_probs, valid_mask)
         n_local_valid = valid_mask.sum().clamp_min(1)
@@ -177,18 +176,16 @@ class Farcluss(MeanTeacherMethod):
                          state: FarclussState) -> tuple[Tensor, Dict[str, Tensor]]:
         """Prototype contrast (§4) on the embeddings ``N × D`` of the sampled pixels."""
         m = self.cfg.method
-        keep = labels != self.ignore_index
-        kept_embeddings, kept_labels = embeddings.float()[keep], labels[keep]
-        sums, counts = prototype_sums(kept_embeddings, kept_labels, self.num_classes)
+        # the padding pixels' ignore label leaves them out of the sums and the loss; no copy of
+        # the kept rows is made, and every rank's head joins backward even with no pixel kept
+        sums, counts = prototype_sums(embeddings, labels, self.num_classes)
         # sums and counts over all ranks, so every rank pulls towards the same prototypes
         batch_prototypes, present = global_prototypes(sums, counts, reduce=self.reduce)
         loss, stats = prototype_contrastive_loss(
-            kept_embeddings, kept_labels, batch_prototypes, present, state.prototypes,
+            embeddings, labels, batch_prototypes, present, state.prototypes,
             state.prototype_initialized, temperature=m.contrastive_temperature,
             pixel_count=self.global_count,
         )
-        # keeps the padded pixels' (zero) gradient path, so every rank's head joins backward
-        loss = loss + 0.0 * embeddings.sum()
         with torch.no_grad():
             bank, initialized = update_prototype_bank(
                 state.prototypes, state.prototype_initialized, batch_prototypes.detach(),
