@@ -33,6 +33,8 @@ def test_overrides_are_parsed_as_yaml_and_typed():
     ("method.weighting=softmax", "'method.weighting' must be"),
     ("model.output_stride=32", "'model.output_stride' must be 8 | 16"),
     ("model.deep_stem=yes please", "'model.deep_stem' must be bool"),
+    ("method.contrastive_weight_threshold=-1", "'method.contrastive_weight_threshold' must be in"),
+    ("method.unsup_normalize=mean", "'method.unsup_normalize' must be"),
 ])
 def test_bad_keys_and_values_name_the_key(override, named):
     with pytest.raises(ConfigError) as info:

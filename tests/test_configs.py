@@ -25,6 +25,7 @@ ABLATIONS = {
     "rebalance_ema": {"rebalance": "ema", "rebalance_momentum": 0.99},
     "rebalance_pixels": {"rebalance_normalize": "pixels"},
     "unsup_weighted_mean": {"unsup_normalize": "weights"},
+    "contrastive_all_pixels": {"contrastive_weight_threshold": 0.0},
     "fixmatch_equivalent": {"top_k": 1, "weighting": "none", "rebalance": "off",
                             "contrastive": "off", "threshold": 0.95},
 }

@@ -122,7 +122,7 @@ class MethodConfig:
     projection_dim: int = 128
     #: EMA momentum of the prototype bank (stands in for classes absent from a batch)
     prototype_momentum: float = 0.99
-    #: unlabeled pixels join the contrastive loss when their pixel weight exceeds this
+    #: unlabeled pixels join the contrastive loss when their pixel weight u(x) exceeds this (0: all but uniform ones)
     contrastive_weight_threshold: float = 0.5
 
 
@@ -486,6 +486,9 @@ def validate(cfg: Config) -> None:
     _require(a.max_pixels_per_class >= 1, "method.max_pixels_per_class", "must be >= 1")
     _require(a.projection_dim >= 1, "method.projection_dim", "must be >= 1")
     _require(0 <= a.prototype_momentum < 1, "method.prototype_momentum", "must be in [0, 1)")
+    # u(x) is in [0, 1]: 0 admits every pixel but perfectly uniform ones, 1 admits none
+    _require(0 <= a.contrastive_weight_threshold <= 1, "method.contrastive_weight_threshold",
+             "must be in [0, 1]")
     for name in ("brightness", "contrast", "saturation"):
         _require(getattr(cfg.augment, name) >= 0, f"augment.{name}", "must be >= 0")
     _require(0 <= cfg.augment.hue <= 0.5, "augment.hue", "must be in [0, 0.5]")

@@ -207,6 +207,10 @@ def test_contrastive_labels_keep_confident_pseudo_labels_after_ground_truth():
     labels = contrastive_labels(gt, pseudo, weights, weight_threshold=0.5, valid_mask=valid)
     expected = torch.tensor([[[0, IGNORE], [1, 1]], [[2, IGNORE], [IGNORE, IGNORE]]])
     assert torch.equal(labels, expected)
+    # threshold 0 (the contrastive_all_pixels variant): every valid pixel but a uniform one
+    weights[0, 0, 1] = 0.0
+    labels = contrastive_labels(None, pseudo, weights, weight_threshold=0.0, valid_mask=valid)
+    assert torch.equal(labels, torch.tensor([[[2, IGNORE], [IGNORE, 1]]]))
 
 
 def test_downsample_labels_is_nearest_and_keeps_dtype():
