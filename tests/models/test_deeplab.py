@@ -136,3 +136,17 @@ def test_projecting_pixels_matches_the_conv_head_in_training_values_and_gradient
     assert torch.allclose(by_linear, by_conv, atol=1e-12)
     for linear_grad, conv_grad in zip(linear_grads, conv_grads):
         assert torch.allclose(linear_grad, conv_grad, atol=1e-10)
+
+
+def test_projecting_pixels_under_autocast_runs_in_float32():
+    torch.manual_seed(0)
+    head = ProjectionHead(12, 8, 6, nn.BatchNorm2d).train()
+    pixels = torch.randn(10, 12)
+    expected = head.forward_pixels(pixels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # the decoder hands over bf16 features under autocast
+        embeddings = head.forward_pixels(pixels.to(torch.bfloat16))
+    assert embeddings.dtype == torch.float32
+    # only the bf16 rounding of the input differs, not bf16 products
+    assert torch.allclose(embeddings, expected, atol=2e-2)
+    assert not torch.allclose(embeddings, expected, atol=1e-7)
