@@ -98,13 +98,11 @@ class Farcluss(MeanTeacherMethod):
 
     # ---- the unlabeled loss ---------------------------------------------------------------------
     def unsup_loss(self, logits_u: Tensor, teacher_probs: Tensor, valid_mask: Tensor,
-                   state: FarclussState, targets: Optional[Tensor] = None,
-                   weights_u: Optional[Tensor] = None,
-                   pseudo_labels: Optional[Tensor] = None) -> tuple[Tensor, Dict[str, Tensor]]:
-        """L_unsup = Σ_x u(x) · w_{argmax q(x)} · ℓ(x) / #valid (or / Σ_x u·w), and its statistics."""
+                   state: FarclussState, targets: Tensor, weights_u: Tensor,
+                   pseudo_labels: Tensor) -> tuple[Tensor, Dict[str, Tensor]]:
+        """L_unsup = Σ_x u(x) · w_{argmax q(x)} · ℓ(x) / #valid (or / Σ_x u·w), and its statistics;
+        `targets`, `weights_u` and `pseudo_labels` come from `teacher_targets`."""
         m = self.cfg.method
-        if targets is None or weights_u is None or pseudo_labels is None:
-            targets, weights_u, pseudo_labels = self.teacher_targets(teacher_probs)
         kept = valid_mask
         threshold = resolved_threshold(self.cfg)
         if threshold > 0:
@@ -143,7 +141,8 @@ class Farcluss(MeanTeacherMethod):
     # ---- the contrastive loss -------------------------------------------------------------------
     def contrastive_labels(self, masks_l: Tensor, pseudo_labels: Optional[Tensor],
                            weights_u: Optional[Tensor], valid_u: Optional[Tensor]) -> Tensor:
-        """Ground truth on labeled pixels; argmax q on unlabeled pixels with u(x) > 0.5."""
+        """Ground truth on labeled pixels; argmax q on unlabeled pixels with u(x) above
+        `method.contrastive_weight_threshold` (0.5)."""
         if pseudo_labels is None:
             return masks_l
         return contrastive_labels(masks_l, pseudo_labels, weights_u,

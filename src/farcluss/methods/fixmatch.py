@@ -10,6 +10,7 @@ from torch import nn
 
 from farcluss.config import resolved_threshold
 from farcluss.losses.rebalance import class_counts
+from farcluss.losses.unsup import weighted_unsup_loss
 from farcluss.methods.base import (Batch, LossOutput, MeanTeacherMethod, confidence_stats,
                                    hard_pseudo_labels, pixel_ce)
 
@@ -32,8 +33,8 @@ class FixMatch(MeanTeacherMethod):
         confidence, pseudo_labels = hard_pseudo_labels(view.teacher_probs)
         kept = view.valid_mask & (confidence >= resolved_threshold(self.cfg))
         # UniMatch's convention: divide by all valid pixels, not the kept ones
-        n_valid = self.global_count(view.valid_mask.sum())
-        loss_unsup = (pixel_ce(logits_u, pseudo_labels) * kept).sum() / n_valid.clamp_min(1.0)
+        loss_unsup = weighted_unsup_loss(pixel_ce(logits_u, pseudo_labels), kept, None,
+                                         view.valid_mask, global_count=self.global_count)
 
         stats = confidence_stats(view.teacher_probs, view.valid_mask)
         stats["kept_fraction"] = kept.sum() / view.valid_mask.sum().clamp_min(1)
