@@ -76,6 +76,10 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
     return device
 
 
+#: layout version of last.pt and best.pt
+CHECKPOINT_FORMAT = 2
+
+
 def _cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX: bf16 matrix products run ~2.5x faster than fp32 there; elsewhere
     they are emulated and slower, so `auto` keeps fp32."""
@@ -312,10 +316,10 @@ class Trainer:
         dist.all_gather_object(gathered, local)
         return gathered
 
-    def _model_state(self, format_version: int) -> dict:
+    def _model_state(self) -> dict:
         """What every checkpoint holds: enough to rebuild and evaluate the models."""
         return {
-            "format": format_version,
+            "format": CHECKPOINT_FORMAT,
             "farcluss_version": farcluss.__version__,
             "iteration": self.iteration,
             "config": self.cfg.to_dict(),
@@ -326,7 +330,7 @@ class Trainer:
 
     def _checkpoint_state(self, rank_states: List[dict]) -> dict:
         return {
-            **self._model_state(2),
+            **self._model_state(),
             "ema_steps": self.ema_steps,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -343,7 +347,7 @@ class Trainer:
     def _save_best(self, miou: float) -> None:
         if not self.env.is_main:
             return
-        ckpt.save_atomic({**self._model_state(2), "miou": miou}, self.paths.best)
+        ckpt.save_atomic({**self._model_state(), "miou": miou}, self.paths.best)
 
     def _resume(self, resume: Optional[bool]) -> None:
         exists = self.paths.last.is_file()
