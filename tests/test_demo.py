@@ -7,7 +7,8 @@ import farcluss.demo as demo
 from farcluss.cli import main
 from farcluss.config import load_config
 from farcluss.data.benchmark import BENCHMARK_CLASSES, make_benchmark
-from farcluss.demo import Calibration, curve_settings, plan_iterations, shared_settings
+from farcluss.demo import (Calibration, curve_settings, plan_iterations, shared_settings,
+                           short_schedule_warning)
 
 TINY_MODEL = ["data.crop_size=32", "data.scale_range=[0.75, 1.25]", "model.base_width=8",
               "train.batch_size=2", "train.num_workers=0", "train.progress=false",
@@ -105,3 +106,10 @@ def test_curve_evaluations_use_the_first_images_and_final_ones_all():
 def test_demo_rejects_a_non_positive_budget(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--minutes", "0"]) == 2
     assert "--minutes" in capsys.readouterr().err
+
+
+def test_a_short_calibrated_schedule_is_flagged():
+    assert short_schedule_warning(1200, 1200) is None
+    assert short_schedule_warning(900, 1200) is None  # exactly the flagged share
+    warning = short_schedule_warning(410, 1200)
+    assert warning is not None and "410 of the config's 1200" in warning

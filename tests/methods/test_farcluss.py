@@ -111,6 +111,20 @@ def test_contrastive_term_uses_the_head_and_fills_the_prototype_bank():
     assert torch.allclose(state.prototypes.norm(dim=1), torch.ones(NUM_CLASSES), atol=1e-5)
 
 
+@pytest.mark.parametrize("threshold, expected", [(0.5, 2 / 3), (0.0, 1.0)])
+def test_contrast_unlabeled_fraction_counts_the_pixels_the_gate_admits(threshold, expected):
+    # image 0 one-hot (u = 1), image 1 [0.2, 0.5, 0.3] (u ≈ 0.06) with its right half padding:
+    # valid 32·32 + 32·16 pixels, of which the gate u > 0.5 admits image 0's 32·32
+    method = _farcluss("augment.cutmix_prob=0",
+                       f"method.contrastive_weight_threshold={threshold}")
+    student = method.build_student()
+    batch = _batch(size=32)
+    batch.ignore_mask_u[1, :, 16:] = 255
+    teacher = FixedTeacher(_probs(ONE_HOT, [0.2, 0.5, 0.3], size=32))
+    output = method.losses(batch, student, teacher, iteration=50)
+    assert output.stats["contrast_unlabeled_fraction"].item() == pytest.approx(expected)
+
+
 # ---- FixMatch as a special case ---------------------------------------------------------------
 
 def test_fixmatch_equivalent_switches_reproduce_fixmatch_losses():

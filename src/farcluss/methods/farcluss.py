@@ -220,6 +220,12 @@ class Farcluss(MeanTeacherMethod):
             # the teacher's confident pseudo-labels), so the head projects only those
             pixel_labels = self.contrastive_labels(
                 batch.masks_l, pseudo_labels, weights_u, view.valid_mask if view else None)
+            if view is not None:
+                # how much of the unlabeled batch the u(x) gate lets into the contrast: the
+                # quantity that decides what this loss can teach (docs/method.md)
+                admitted = (pixel_labels[n_l:] != self.ignore_index).sum()
+                stats["contrast_unlabeled_fraction"] = (
+                    admitted / view.valid_mask.sum().clamp_min(1))
             feature_size = model.feature_size(*images.shape[-2:])
             project_index, contrast_labels = self.sample_contrastive_pixels(pixel_labels, feature_size)
             logits, _, embeddings = student(images, project_index=project_index)
