@@ -219,3 +219,15 @@ def test_teacher_and_unsup_loss_wait_through_the_warm_up(tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert all("loss_unsup" not in r for r in records if r["type"] == "train")
+
+
+def test_the_teacher_is_evaluated_and_kept_as_best_only_after_the_warm_up(tmp_path):
+    root = write_tiny_dataset(tmp_path / "data")
+    cfg = load_config(overrides=tiny_overrides(root, "farcluss", 4)
+                      + ["method.warmup_iterations=2", "train.eval_interval=2"])
+    Trainer(cfg, tmp_path / "run", resume=False).fit()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    evals = [(r["iteration"], r["model"]) for r in map(json.loads, lines) if r["type"] == "eval"]
+    assert evals == [(2, "student"), (4, "teacher"), (4, "student")]
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["iteration"] == 4

@@ -438,7 +438,9 @@ class Trainer:
         e = self.cfg.eval
         results = {}
         models = [("student", self.student)]
-        if self.teacher is not None:
+        if self.teacher is not None and self.iteration > self.cfg.method.warmup_iterations:
+            # until the warm-up ends the teacher is the untrained initial model (it becomes a copy
+            # of the student then): its score would only put a dip in the curves
             models.insert(0, ("teacher", self.teacher))
         for name, model in models:
             metrics = evaluate(model, loader, self.num_classes, mode=e.mode,
@@ -570,7 +572,8 @@ class Trainer:
             if self.iteration % t.eval_interval == 0 or self.iteration == t.iterations:
                 last_results = self.evaluate_models()
                 main_name = "teacher" if self.teacher is not None else "student"
-                miou = last_results[main_name]["miou"]
+                # no best.pt during the warm-up: it would hold the untrained teacher
+                miou = last_results[main_name]["miou"] if main_name in last_results else None
                 if miou is not None and miou > self.best_miou:
                     self.best_miou, self.best_iteration = miou, self.iteration
                     self._save_best(miou)
