@@ -197,6 +197,11 @@ class Trainer:
             student.to(memory_format=torch.channels_last)
         self.student = student
         self.teacher = make_teacher(student) if self.method.uses_teacher else None
+        if self.teacher is not None and cfg.method.warmup_iterations >= cfg.train.iterations:
+            # e.g. a short trial of a recipe whose warm-up was set for its full schedule
+            warnings.warn(f"method.warmup_iterations ({cfg.method.warmup_iterations}) is not below "
+                          f"train.iterations ({cfg.train.iterations}): {cfg.method.name} never "
+                          f"uses the unlabeled images and trains as supervised")
         self.ema_steps = 0
         self.optimizer = build_optimizer(student, cfg.train.lr, cfg.train.head_lr_multiplier,
                                          cfg.train.momentum, cfg.train.weight_decay)
