@@ -110,6 +110,7 @@ def test_demo_rejects_a_non_positive_budget(tmp_path, capsys):
 
 def test_a_short_calibrated_schedule_is_flagged():
     assert short_schedule_warning(1200, 1200) is None
-    assert short_schedule_warning(900, 1200) is None  # exactly the flagged share
+    assert short_schedule_warning(900, 1200) is None  # exactly 75 %: not short
+    assert short_schedule_warning(899, 1200) is not None
     warning = short_schedule_warning(410, 1200)
     assert warning is not None and "410 of the config's 1200" in warning
