@@ -197,7 +197,8 @@ class Trainer:
             student.to(memory_format=torch.channels_last)
         self.student = student
         self.teacher = make_teacher(student) if self.method.uses_teacher else None
-        if self.teacher is not None and cfg.method.warmup_iterations >= cfg.train.iterations:
+        if (self.env.is_main and self.teacher is not None
+                and cfg.method.warmup_iterations >= cfg.train.iterations):
             # e.g. a short trial of a recipe whose warm-up was set for its full schedule
             warnings.warn(f"method.warmup_iterations ({cfg.method.warmup_iterations}) is not below "
                           f"train.iterations ({cfg.train.iterations}): {cfg.method.name} never "
