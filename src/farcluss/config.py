@@ -74,8 +74,20 @@ class ModelConfig:
 class MethodConfig:
     """The semi-supervised method and every FARCLUSS reading (METHOD.md §0–§6)."""
 
-    #: supervised | fixmatch | farcluss
-    name: Literal["supervised", "fixmatch", "farcluss"] = "farcluss"
+    #: supervised | fixmatch | unimatch | farcluss
+    name: Literal["supervised", "fixmatch", "unimatch", "farcluss"] = "farcluss"
+    #: where pseudo-labels come from: ema (a mean teacher) | online (the student itself, no gradient: UniMatch V1); None → the method's default (fixmatch, farcluss: ema; unimatch: online)
+    teacher: Optional[Literal["ema", "online"]] = None
+    #: strong views of each unlabeled image, each with its own photometric draw and CutMix box; None → the method's default (fixmatch, farcluss: 1; unimatch: 2)
+    strong_views: Optional[int] = None
+    #: feature perturbation: off | dropout (UniMatch V1: a channel-dropout copy of the weak view's encoder features, its own loss term) | complementary (UniMatch V2: complementary channel masks on the two strong views); None → the method's default (fixmatch, farcluss: off; unimatch: dropout)
+    feature_perturbation: Optional[Literal["off", "dropout", "complementary"]] = None
+    #: share of the unlabeled weight on the feature-perturbation term (dropout); the strong views share the rest equally (UniMatch: 0.5)
+    fp_share: float = 0.5
+    #: channel dropout probability of feature_perturbation=dropout (UniMatch: Dropout2d(0.5))
+    fp_drop_prob: float = 0.5
+    #: feature_perturbation=complementary leaves a pair of views unperturbed with this probability (UniMatch V2: half the batch)
+    fp_keep_prob: float = 0.5
     #: teacher EMA momentum m; per step min(1 - 1/(t+1), m)
     ema_momentum: float = 0.999
     #: weight of the unlabeled loss
@@ -467,6 +479,15 @@ def validate(cfg: Config) -> None:
     _require(a.lambda_u >= 0, "method.lambda_u", "must be >= 0")
     _require(a.warmup_iterations >= 0, "method.warmup_iterations", "must be >= 0")
     _require(0 <= a.ramp <= 1, "method.ramp", "must be in [0, 1]")
+    if a.strong_views is not None:
+        _require(a.strong_views in (1, 2), "method.strong_views", "must be 1 or 2")
+    _require(0 <= a.fp_share < 1, "method.fp_share", "must be in [0, 1)")
+    _require(0 <= a.fp_drop_prob < 1, "method.fp_drop_prob", "must be in [0, 1)")
+    _require(0 <= a.fp_keep_prob <= 1, "method.fp_keep_prob", "must be in [0, 1]")
+    skeleton = resolved_skeleton(cfg)
+    if skeleton.feature_perturbation == "complementary":
+        _require(skeleton.strong_views == 2, "method.feature_perturbation",
+                 "complementary needs method.strong_views=2 (the masks pair the two views)")
     if a.threshold is not None:
         _require(0 <= a.threshold < 1, "method.threshold", "must be in [0, 1)")
     _require(a.top_k >= 1, "method.top_k", "must be >= 1")
@@ -525,10 +546,41 @@ def validate(cfg: Config) -> None:
 
 
 def resolved_threshold(cfg: Config) -> float:
-    """The confidence threshold in force: explicit, else 0.95 for fixmatch and 0 otherwise."""
+    """The confidence threshold in force: explicit, else 0.95 for fixmatch and unimatch, 0
+    otherwise."""
     if cfg.method.threshold is not None:
         return cfg.method.threshold
-    return 0.95 if cfg.method.name == "fixmatch" else 0.0
+    return 0.95 if cfg.method.name in ("fixmatch", "unimatch") else 0.0
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """The mean-teacher skeleton a method rides on (see `MethodConfig.teacher` and below)."""
+
+    teacher: str
+    strong_views: int
+    feature_perturbation: str
+
+
+#: each method's skeleton when `method.teacher`, `strong_views`, `feature_perturbation` are None
+DEFAULT_SKELETONS = {
+    "supervised": Skeleton("ema", 1, "off"),
+    "fixmatch": Skeleton("ema", 1, "off"),
+    "unimatch": Skeleton("online", 2, "dropout"),
+    "farcluss": Skeleton("ema", 1, "off"),
+}
+
+
+def resolved_skeleton(cfg: Config) -> Skeleton:
+    """The skeleton in force: each value explicit in the config, else the method's default."""
+    m = cfg.method
+    default = DEFAULT_SKELETONS[m.name]
+    return Skeleton(
+        teacher=m.teacher if m.teacher is not None else default.teacher,
+        strong_views=m.strong_views if m.strong_views is not None else default.strong_views,
+        feature_perturbation=(m.feature_perturbation if m.feature_perturbation is not None
+                              else default.feature_perturbation),
+    )
 
 
 def dump_config(cfg: Config, path: Union[str, Path]) -> None:

@@ -43,7 +43,7 @@ from farcluss.methods.base import Batch
 WORLD_SIZE = 2
 BATCH_PER_RANK = 1
 ITERATIONS = 3
-METHODS = ("fixmatch", "farcluss")
+METHODS = ("fixmatch", "unimatch", "farcluss")
 
 
 def _overrides(root: Path, method: str, batch_size: int) -> list[str]:
@@ -59,7 +59,7 @@ def _overrides(root: Path, method: str, batch_size: int) -> list[str]:
         "augment.cutmix_prob=0", "method.ramp=0", "method.ema_momentum=0.9",
         "method.projection_dim=16", "method.max_pixels_per_class=100000",
         # fixmatch: a threshold the young teacher passes, so the unlabeled term is not empty
-        *(["method.threshold=0.4"] if method == "fixmatch" else []),
+        *(["method.threshold=0.4"] if method in ("fixmatch", "unimatch") else []),
     ]
 
 
@@ -227,7 +227,7 @@ def test_strong_view_of_an_image_does_not_depend_on_its_batch(tiny_dataset):
         batch = Batch(images_l=images[:1], masks_l=torch.zeros(1, 32, 32, dtype=torch.long),
                       images_u_weak=images[index], ignore_mask_u=torch.zeros(len(index), 32, 32, dtype=torch.long),
                       seeds_u=seeds[index])
-        return method.teacher_view(teacher, batch).images_u_strong
+        return method.strong_view(batch, method.weak_view(batch, None, teacher)[0]).images_u_strong
 
     whole = view(torch.arange(4))
     halves = torch.cat([view(torch.tensor([0, 1])), view(torch.tensor([2, 3]))])

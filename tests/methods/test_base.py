@@ -42,7 +42,14 @@ def _identity_batch(height: int = 32, width: int = 32) -> Batch:
     ignore[1, :, width // 2:] = 255  # image 1 is padded on its right half
     return Batch(images_l=torch.zeros(1, 3, height, width),
                  masks_l=torch.zeros(1, height, width, dtype=torch.long),
-                 images_u_weak=images_u, ignore_mask_u=ignore)
+                 images_u_weak=images_u, ignore_mask_u=ignore,
+                 seeds_u=torch.tensor([101, 202, 303]))
+
+
+def _view(method, teacher, batch, index=0):
+    """Strong view `index` as training makes it: the weak view's teacher, then the seeded view."""
+    weak, _ = method.weak_view(batch, None, teacher)
+    return method.strong_view(batch, weak, index)
 
 
 @pytest.mark.parametrize("iteration, warmup, ramp, total, expected", [
@@ -79,7 +86,7 @@ def test_total_is_the_weighted_sum_and_keeps_zero_weight_terms_in_the_graph():
 def test_cutmix_moves_strong_images_teacher_probs_and_ignore_mask_together():
     method = _method(*CUTMIX_ONLY)
     batch = _identity_batch()
-    view = method.teacher_view(IdentityTeacher(), batch)
+    view = _view(method, IdentityTeacher(), batch)
     # every pixel's value says which image it came from
     source = view.images_u_strong[:, 0].round().long()
     own = torch.arange(NUM_CLASSES).view(-1, 1, 1)
@@ -106,33 +113,40 @@ def test_teacher_outputs_carry_no_gradient():
             return self.conv(images), images
 
     batch = _identity_batch()
-    view = method.teacher_view(Wrapped(), batch)
+    view = _view(method, Wrapped(), batch)
     assert not view.teacher_probs.requires_grad
     assert not view.images_u_strong.requires_grad
 
 
-def test_same_seed_gives_the_same_strong_view_and_state_restores_it():
+def test_an_images_seed_alone_decides_its_strong_views():
     batch = _identity_batch()
     batch.images_u_weak = torch.randn_like(batch.images_u_weak)
-    first, second = _method(), _method()
-    saved = first.state_dict()
-    view_a = first.teacher_view(IdentityTeacher(), batch)
-    view_b = second.teacher_view(IdentityTeacher(), batch)
+    first, second = _method(), _method("train.seed=7")
+    view_a = _view(first, IdentityTeacher(), batch)
+    # the method's own state (seed, earlier draws) plays no part: a resumed run redraws it
+    _view(first, IdentityTeacher(), batch)
+    view_b = _view(second, IdentityTeacher(), batch)
     assert torch.equal(view_a.images_u_strong, view_b.images_u_strong)
     assert not torch.equal(view_a.images_u_strong, batch.images_u_weak)
-    next_view = first.teacher_view(IdentityTeacher(), batch)
-    assert not torch.equal(next_view.images_u_strong, view_a.images_u_strong)
-    first.load_state_dict(saved)
-    replay = first.teacher_view(IdentityTeacher(), batch)
-    assert torch.equal(replay.images_u_strong, view_a.images_u_strong)
+    batch.seeds_u = batch.seeds_u + 1
+    view_c = _view(first, IdentityTeacher(), batch)
+    assert not torch.equal(view_a.images_u_strong, view_c.images_u_strong)
 
 
-def test_another_seed_gives_another_strong_view():
+def test_two_strong_views_differ_and_each_has_its_own_cutmix_boxes():
+    method = _method(*CUTMIX_ONLY, "method.strong_views=2", name="farcluss")
     batch = _identity_batch()
-    batch.images_u_weak = torch.randn_like(batch.images_u_weak)
-    view_a = _method("train.seed=0").teacher_view(IdentityTeacher(), batch)
-    view_b = _method("train.seed=1").teacher_view(IdentityTeacher(), batch)
-    assert not torch.equal(view_a.images_u_strong, view_b.images_u_strong)
+    views = [_view(method, IdentityTeacher(), batch, k) for k in range(2)]
+    sources = [v.images_u_strong[:, 0].round().long() for v in views]
+    own = torch.arange(NUM_CLASSES).view(-1, 1, 1)
+    boxes = [s != own for s in sources]
+    assert all(b.flatten(1).any(dim=1).all() for b in boxes)
+    assert not torch.equal(boxes[0], boxes[1])
+    # view 1 is the view a one-view run makes: adding a view leaves it alone
+    single = _view(_method(*CUTMIX_ONLY, name="farcluss"), IdentityTeacher(), batch)
+    assert torch.equal(single.images_u_strong, views[0].images_u_strong)
+    for view, source in zip(views, sources):
+        assert torch.equal(view.teacher_probs.argmax(dim=1), source)
 
 
 def test_confidence_stats_count_valid_pixels_only():
@@ -184,7 +198,8 @@ def test_each_method_lowers_its_training_loss_on_tiny_data(tmp_path, name):
     # random init starts far off; the mean of the last steps is well below that of the first
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     evaluated = {r["model"] for r in records if r["type"] == "eval"}
-    if name == "supervised":
+    if name in ("supervised", "unimatch"):
+        # unimatch's pseudo-labels come from the student itself (V1): there is no teacher
         assert trainer.teacher is None and evaluated == {"student"}
         return
     assert evaluated == {"teacher", "student"}

@@ -57,7 +57,8 @@ def _batch(num_unlabeled: int = 2, size: int = SIZE) -> Batch:
     return Batch(images_l=torch.randn(2, 3, size, size),
                  masks_l=torch.randint(0, NUM_CLASSES, (2, size, size)),
                  images_u_weak=torch.randn(num_unlabeled, 3, size, size),
-                 ignore_mask_u=torch.zeros(num_unlabeled, size, size, dtype=torch.long))
+                 ignore_mask_u=torch.zeros(num_unlabeled, size, size, dtype=torch.long),
+                 seeds_u=torch.arange(num_unlabeled) + 1)
 
 
 def _assert_finite(output) -> None:

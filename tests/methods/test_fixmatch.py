@@ -47,7 +47,7 @@ def _batch(num_unlabeled: int = 2, ignore_right_half_of_first: bool = False) -> 
     return Batch(images_l=torch.zeros(1, 3, SIZE, SIZE),
                  masks_l=torch.zeros(1, SIZE, SIZE, dtype=torch.long),
                  images_u_weak=torch.randn(num_unlabeled, 3, SIZE, SIZE),
-                 ignore_mask_u=ignore)
+                 ignore_mask_u=ignore, seeds_u=torch.arange(num_unlabeled) + 1)
 
 
 # image 0: confident class 2; image 1: below the threshold, argmax class 0

@@ -27,7 +27,7 @@ def _batch() -> Batch:
 
 def test_supervised_needs_no_teacher_no_unlabeled_data_and_no_head():
     method = _supervised()
-    assert not method.uses_teacher and not method.uses_unlabeled
+    assert method.make_teacher(method.build_student()) is None and not method.uses_unlabeled
     assert method.build_student().projection is None
 
 

@@ -29,7 +29,6 @@ from farcluss.data.sampler import InfiniteSampler
 from farcluss.data.transforms import WeakAugment
 from farcluss.engine import checkpoint as ckpt
 from farcluss.engine.distributed import DistEnv, all_reduce_sum, barrier, report_failure
-from farcluss.engine.ema import copy_into_teacher, ema_momentum, make_teacher, update_teacher
 from farcluss.engine.optim import build_optimizer, set_poly_lr
 from farcluss.errors import CheckpointError, ConfigError, FarclussError
 from farcluss.evaluate import evaluate
@@ -46,7 +45,7 @@ class WithSampleSeed(Dataset):
     """Adds each item's sampler seed to its dict as ``"seed"`` (int64).
 
     The seed is fixed by the item's position in the global stream, so the strong view the
-    method draws from it (`MeanTeacherMethod.teacher_view`) is the same on any rank and in any
+    method draws from it (`MeanTeacherMethod.strong_view`) is the same on any rank and in any
     batch split. It also seeds the weak crop through numpy's PCG64; the strong view draws from
     torch's Mersenne Twister, an unrelated generator, so the two are not correlated.
     """
@@ -196,14 +195,10 @@ class Trainer:
         if cfg.train.channels_last:
             student.to(memory_format=torch.channels_last)
         self.student = student
-        self.teacher = make_teacher(student) if self.method.uses_teacher else None
-        if (self.env.is_main and self.teacher is not None
-                and cfg.method.warmup_iterations >= cfg.train.iterations):
-            # e.g. a short trial of a recipe whose warm-up was set for its full schedule
-            warnings.warn(f"method.warmup_iterations ({cfg.method.warmup_iterations}) is not below "
-                          f"train.iterations ({cfg.train.iterations}): {cfg.method.name} never "
-                          f"uses the unlabeled images and trains as supervised")
-        self.ema_steps = 0
+        self.teacher = self.method.make_teacher(student)
+        if self.env.is_main:
+            for message in self.method.startup_warnings():
+                warnings.warn(message)
         self.optimizer = build_optimizer(student, cfg.train.lr, cfg.train.head_lr_multiplier,
                                          cfg.train.momentum, cfg.train.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
@@ -337,7 +332,7 @@ class Trainer:
     def _checkpoint_state(self, rank_states: List[dict]) -> dict:
         return {
             **self._model_state(),
-            "ema_steps": self.ema_steps,
+            **self.method.global_state(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "best_miou": self.best_miou,
@@ -379,7 +374,7 @@ class Trainer:
                                   ) from None
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
-        self.ema_steps = int(state.get("ema_steps", 0))
+        self.method.load_global_state(state)
         self.best_miou = float(state.get("best_miou", -1.0))
         self.best_iteration = int(state.get("best_iteration", -1))
         rank_states = state["rank_states"]
@@ -444,9 +439,7 @@ class Trainer:
         e = self.cfg.eval
         results = {}
         models = [("student", self.student)]
-        if self.teacher is not None and self.iteration > self.cfg.method.warmup_iterations:
-            # until the warm-up ends the teacher is the untrained initial model (it becomes a copy
-            # of the student then): its score would only put a dip in the curves
+        if self.teacher is not None and self.method.teacher_ready(self.iteration):
             models.insert(0, ("teacher", self.teacher))
         for name, model in models:
             metrics = evaluate(model, loader, self.num_classes, mode=e.mode,
@@ -488,11 +481,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> LossOutput:
         cfg = self.cfg
         set_poly_lr(self.optimizer, self.iteration, cfg.train.iterations, cfg.train.poly_power)
-        if (self.teacher is not None and cfg.method.warmup_iterations > 0
-                and self.iteration == cfg.method.warmup_iterations):
-            # the teacher starts as a copy of the student at the end of the warm-up
-            copy_into_teacher(self.teacher, self.student)
-            self.ema_steps = 0
+        self.method.before_step(self.iteration, self.student, self.teacher)
         self.student_ddp.train()
         if cfg.train.freeze_bn:
             for module in self.student.modules():
@@ -515,10 +504,7 @@ class Trainer:
             self.scaler.scale(total).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            if self.teacher is not None and self.iteration >= cfg.method.warmup_iterations:
-                update_teacher(self.teacher, self.student,
-                               ema_momentum(self.ema_steps, cfg.method.ema_momentum))
-                self.ema_steps += 1
+            self.method.after_step(self.iteration, self.student, self.teacher)
         self.iteration += 1
         output.stats["loss"] = total.detach()
         return output
@@ -544,7 +530,7 @@ class Trainer:
         if self.env.is_main and t.progress:
             from tqdm import tqdm
 
-            progress = tqdm(total=t.iterations, initial=self.iteration, desc=cfg.method.name,
+            progress = tqdm(total=t.iterations, initial=self.iteration, desc=self.method.name,
                             dynamic_ncols=True, leave=False)
         window_start = time.perf_counter()
         data_wait = 0.0

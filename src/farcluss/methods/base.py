@@ -1,21 +1,23 @@
 """What every method shares: the batch it receives, the losses it returns, the supervised term,
-and the mean-teacher preparation of an unlabeled batch (weak → teacher, strong + CutMix →
-student)."""
+the teacher's lifecycle, and the mean-teacher template (weak view → teacher, strong views +
+CutMix → student → named losses) whose steps a method overrides."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from farcluss.augment import (CUTMIX_DRAWS, STRONG_AUGMENT_DRAWS, StrongAugment, apply_cutmix,
-                               cutmix_masks, cutmix_masks_from_uniform, cutmix_partners,
-                               cutmix_partners_from_keys, per_sample_uniform)
-from farcluss.config import Config
+                               cutmix_masks_from_uniform, cutmix_partners_from_keys,
+                               per_sample_uniform)
+from farcluss.config import Config, resolved_skeleton
+from farcluss.engine.ema import copy_into_teacher, ema_momentum, make_teacher, update_teacher
 from farcluss.losses.ce import cross_entropy, ohem_cross_entropy
+from farcluss.methods.perturbation import ComplementaryDropout, DropoutCopy
 from farcluss.models import build_model
 
 Reduce = Callable[[Tensor], Tensor]
@@ -59,11 +61,20 @@ class LossOutput:
 
 @dataclass
 class UnlabeledView:
-    """A CutMixed strong view and the teacher's aligned outputs for it."""
+    """Unlabeled images as the student sees them and the teacher's aligned outputs for them:
+    a CutMixed strong view, or the weak view itself (the target of the feature perturbation)."""
 
     images_u_strong: Tensor
     teacher_probs: Tensor
     valid_mask: Tensor
+    #: method-specific teacher-side tensors (FARCLUSS: fuzzy targets, pixel weights), set by
+    #: `MeanTeacherMethod.annotate_view` before the student's forward
+    extra: Dict[str, Tensor] = field(default_factory=dict)
+
+
+#: columns of an image's seeded stream one strong view reads: photometric draws, CutMix box,
+#: CutMix ordering key
+VIEW_DRAWS = STRONG_AUGMENT_DRAWS + CUTMIX_DRAWS + 1
 
 
 def unsup_ramp(iteration: int, warmup_iterations: int, ramp: float, total_iterations: int) -> float:
@@ -77,14 +88,18 @@ def unsup_ramp(iteration: int, warmup_iterations: int, ramp: float, total_iterat
 
 
 class Method:
-    """A method turns a batch into named losses; the engine does everything else."""
+    """A method turns a batch into named losses; the engine does everything else.
+
+    The engine calls the lifecycle hooks below around each step and never reads the method's
+    config: a method without a teacher (supervised, UniMatch V1's online teacher) inherits
+    these no-op versions.
+    """
 
     name = "base"
-    uses_teacher = False
     uses_unlabeled = False
 
     def __init__(self, cfg: Config, num_classes: int, reduce: Reduce = _identity,
-                 world_size: int = 1):
+                 world_size: int = 1, rank: int = 0):
         self.cfg = cfg
         self.num_classes = num_classes
         self.ignore_index = cfg.data.ignore_index
@@ -107,15 +122,42 @@ class Method:
             projection_dim=self.projection_dim(),
         )
 
+    # ---- the teacher's lifecycle (engine hooks) ---------------------------------------------
+    def make_teacher(self, student: nn.Module) -> Optional[nn.Module]:
+        """The teacher model the engine keeps beside the student (None: no separate teacher)."""
+        return None
+
+    def startup_warnings(self) -> List[str]:
+        """Problems with the configuration that do not stop training, said once by rank 0."""
+        return []
+
+    def before_step(self, iteration: int, student: nn.Module,
+                    teacher: Optional[nn.Module]) -> None:
+        """Called before step ``iteration`` (0-based) computes its losses."""
+
+    def after_step(self, iteration: int, student: nn.Module,
+                   teacher: Optional[nn.Module]) -> None:
+        """Called after the optimizer step of iteration ``iteration`` (skipped steps excluded)."""
+
+    def teacher_ready(self, completed_iterations: int) -> bool:
+        """Whether the teacher is worth evaluating (and keeping as best.pt) after this many
+        iterations."""
+        return False
+
     # ---- state that must survive a resume -----------------------------------------------------
     def state_dict(self) -> dict:
+        """This rank's state (random streams)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def to(self, device: torch.device) -> "Method":
-        return self
+    def global_state(self) -> dict:
+        """State every rank shares, stored at the top level of last.pt."""
+        return {}
+
+    def load_global_state(self, checkpoint: dict) -> None:
+        pass
 
     # ---- losses -------------------------------------------------------------------------------
     def supervised_loss(self, logits_l: Tensor, masks_l: Tensor) -> Tensor:
@@ -130,24 +172,94 @@ class Method:
         raise NotImplementedError
 
 
-class MeanTeacherMethod(Method):
-    """Shared by fixmatch and farcluss: teacher on the weak view, student on the strong view."""
+@dataclass
+class StudentOutput:
+    """The student's forward on ``[labeled; strong view 1; strong view 2 …]``."""
 
-    uses_teacher = True
+    logits: Tensor
+    #: what a method's `student_forward` adds (FARCLUSS: the sampled pixels' embeddings)
+    extra: Dict[str, Tensor] = field(default_factory=dict)
+
+
+class MeanTeacherMethod(Method):
+    """The mean-teacher template shared by fixmatch, unimatch and farcluss.
+
+    One step: the weak view gives pseudo-label probabilities (from the EMA teacher, or from the
+    student itself without gradient: ``method.teacher``); each of ``method.strong_views`` strong
+    views draws its own photometric change and CutMix box, applied alike to images, targets and
+    the ignore mask; the student runs once on ``[labeled; strong views]`` (with complementary
+    channel masks when ``method.feature_perturbation=complementary``), and once more on the
+    weak view's dropped-out features when it is ``dropout``. A method overrides the steps that
+    differ: `annotate_view` (teacher-side targets), `student_forward`, `view_loss` (the loss of
+    one unlabeled term) and `extra_terms`. The total is
+
+        L = s·L_sup + s·λ_u·r(t)·[(1 − φ)/V · Σ_v L_v + φ·L_fp] (+ method terms)
+
+    with V strong views, φ = ``method.fp_share`` when the dropout perturbation is on (else 0)
+    and s = `loss_scale` (UniMatch halves the whole loss).
+
+    It also owns the teacher's lifecycle: the teacher restarts as a copy of the student at the end
+    of the warm-up, follows it by EMA from then on, and is evaluated only after it.
+    """
+
     uses_unlabeled = True
+    #: factor on every term of the template (UniMatch: L = (L_sup + …) / 2)
+    loss_scale = 1.0
 
     def __init__(self, cfg: Config, num_classes: int, reduce: Reduce = _identity,
                  world_size: int = 1, rank: int = 0):
-        super().__init__(cfg, num_classes, reduce, world_size)
+        super().__init__(cfg, num_classes, reduce, world_size, rank)
         a = cfg.augment
         self.strong_augment = StrongAugment(
             brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
             jitter_prob=a.jitter_prob, grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob,
             blur_sigma=a.blur_sigma, mean=cfg.data.mean, std=cfg.data.std,
         )
-        # For batches without sampler seeds (training always has them) and for methods' other
-        # draws; per rank and saved in checkpoints.
+        self.skeleton = resolved_skeleton(cfg)
+        # draws that are not tied to an image (contrastive pixel sampling); per rank, and saved
+        # in checkpoints
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000003 + 7919 * rank + 1)
+        #: EMA updates since the teacher last restarted (m_t depends on it)
+        self.ema_steps = 0
+
+    # ---- the teacher's lifecycle ----------------------------------------------------------------
+    @property
+    def warmup_iterations(self) -> int:
+        return self.cfg.method.warmup_iterations
+
+    def unsup_active(self, iteration: int) -> bool:
+        return iteration >= self.warmup_iterations
+
+    def make_teacher(self, student: nn.Module) -> Optional[nn.Module]:
+        return make_teacher(student) if self.skeleton.teacher == "ema" else None
+
+    def startup_warnings(self) -> List[str]:
+        if self.warmup_iterations < self.cfg.train.iterations:
+            return []
+        # e.g. a short trial of a recipe whose warm-up was set for its full schedule
+        return [f"method.warmup_iterations ({self.warmup_iterations}) is not below "
+                f"train.iterations ({self.cfg.train.iterations}): {self.name} never uses the "
+                "unlabeled images and trains as supervised"]
+
+    def before_step(self, iteration: int, student: nn.Module,
+                    teacher: Optional[nn.Module]) -> None:
+        if teacher is not None and self.warmup_iterations > 0 \
+                and iteration == self.warmup_iterations:
+            # the teacher starts as a copy of the student at the end of the warm-up
+            copy_into_teacher(teacher, student)
+            self.ema_steps = 0
+
+    def after_step(self, iteration: int, student: nn.Module,
+                   teacher: Optional[nn.Module]) -> None:
+        if teacher is not None and self.unsup_active(iteration):
+            update_teacher(teacher, student,
+                           ema_momentum(self.ema_steps, self.cfg.method.ema_momentum))
+            self.ema_steps += 1
+
+    def teacher_ready(self, completed_iterations: int) -> bool:
+        # until the warm-up ends the teacher is the untrained initial model: its score would only
+        # put a dip in the curves, and a best.pt then would hold it
+        return self.skeleton.teacher == "ema" and completed_iterations > self.warmup_iterations
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -156,48 +268,141 @@ class MeanTeacherMethod(Method):
         if "generator" in state:
             self.generator.set_state(state["generator"])
 
+    def global_state(self) -> dict:
+        return {"ema_steps": self.ema_steps}
+
+    def load_global_state(self, checkpoint: dict) -> None:
+        self.ema_steps = int(checkpoint.get("ema_steps", 0))
+
     def ramp_weight(self, iteration: int) -> float:
         m = self.cfg.method
         return m.lambda_u * unsup_ramp(iteration, m.warmup_iterations, m.ramp,
                                        self.cfg.train.iterations)
 
-    def unsup_active(self, iteration: int) -> bool:
-        return iteration >= self.cfg.method.warmup_iterations
+    # ---- template steps -------------------------------------------------------------------------
+    def weak_view(self, batch: Batch, student: nn.Module, teacher: Optional[nn.Module]
+                  ) -> tuple[UnlabeledView, Optional[Tensor]]:
+        """Pseudo-label probabilities on the weak view, and the student's logits on its
+        dropped-out features (``feature_perturbation=dropout``; else None).
 
-    @torch.no_grad()
-    def teacher_view(self, teacher: nn.Module, batch: Batch) -> UnlabeledView:
-        """Teacher probabilities on the weak view; the strong view and targets share CutMix boxes.
-
-        With ``batch.seeds_u`` every image draws its strong-view parameters, CutMix box and
-        CutMix ordering key from its own seeded stream, so the view of an image is the same
-        whichever rank holds it and however the global batch is split (DDP ≡ one process).
+        The online teacher is the student's own clean prediction in the same forward, detached
+        (UniMatch V1); with an EMA teacher the teacher predicts in eval mode.
         """
         assert batch.images_u_weak is not None and batch.ignore_mask_u is not None
-        teacher_logits = teacher(batch.images_u_weak)[0]
-        teacher_probs = torch.softmax(teacher_logits.float(), dim=1)
-        a = self.cfg.augment
-        b, _, h, w = batch.images_u_weak.shape
-        device = batch.images_u_weak.device
-        if batch.seeds_u is not None:
-            uniform = per_sample_uniform(batch.seeds_u, STRONG_AUGMENT_DRAWS + CUTMIX_DRAWS + 1)
-            strong_uniform, box_uniform, partner_keys = uniform.split(
-                [STRONG_AUGMENT_DRAWS, CUTMIX_DRAWS, 1], dim=1)
-            params = self.strong_augment.params_from_uniform(strong_uniform).to(device)
-            images_u_strong = self.strong_augment.apply(batch.images_u_weak, params)
-            box_mask = cutmix_masks_from_uniform(box_uniform, h, w, prob=a.cutmix_prob,
-                                                 area=a.cutmix_area, aspect=a.cutmix_aspect,
-                                                 device=device)
-            # the partner is another image of the local batch: this alone depends on the split
-            partners = cutmix_partners_from_keys(partner_keys).to(device)
+        assert batch.seeds_u is not None, "unlabeled batches carry their sampler seeds"
+        images_u_weak = batch.images_u_weak
+        n_u = images_u_weak.shape[0]
+        logits_fp = None
+        online_logits = None
+        if self.skeleton.feature_perturbation == "dropout":
+            perturb = DropoutCopy(batch.seeds_u, offset=self.skeleton.strong_views * VIEW_DRAWS,
+                                  drop_prob=self.cfg.method.fp_drop_prob)
+            logits = student(images_u_weak, perturb=perturb)[0]
+            online_logits, logits_fp = logits[:n_u].detach(), logits[n_u:]
+        elif self.skeleton.teacher == "online":
+            with torch.no_grad():
+                online_logits = student(images_u_weak)[0]
+        if self.skeleton.teacher == "online":
+            teacher_logits = online_logits
         else:
-            images_u_strong = self.strong_augment(batch.images_u_weak, self.generator)
-            box_mask = cutmix_masks(b, h, w, prob=a.cutmix_prob, area=a.cutmix_area,
-                                    aspect=a.cutmix_aspect, generator=self.generator).to(device)
-            partners = cutmix_partners(b, self.generator).to(device)
+            assert teacher is not None
+            with torch.no_grad():
+                teacher_logits = teacher(images_u_weak)[0]
+        teacher_probs = torch.softmax(teacher_logits.float(), dim=1)
+        view = UnlabeledView(images_u_weak, teacher_probs,
+                             batch.ignore_mask_u != self.ignore_index)
+        return view, logits_fp
+
+    @torch.no_grad()
+    def strong_view(self, batch: Batch, weak: UnlabeledView, index: int = 0) -> UnlabeledView:
+        """Strong view ``index`` of the unlabeled batch; targets and ignore mask share its boxes.
+
+        Every image draws its photometric parameters, CutMix box and CutMix ordering key from its
+        own seeded stream (view k reads columns k·VIEW_DRAWS onwards), so the view of an image
+        is the same whichever rank holds it and however the global batch is split (DDP ≡ one
+        process), and a resumed run redraws it.
+        """
+        assert batch.seeds_u is not None, "unlabeled batches carry their sampler seeds"
+        a = self.cfg.augment
+        images_u_weak = batch.images_u_weak
+        _, _, h, w = images_u_weak.shape
+        device = images_u_weak.device
+        uniform = per_sample_uniform(batch.seeds_u, (index + 1) * VIEW_DRAWS)[:, index * VIEW_DRAWS:]
+        strong_uniform, box_uniform, partner_keys = uniform.split(
+            [STRONG_AUGMENT_DRAWS, CUTMIX_DRAWS, 1], dim=1)
+        params = self.strong_augment.params_from_uniform(strong_uniform).to(device)
+        images_u_strong = self.strong_augment.apply(images_u_weak, params)
+        box_mask = cutmix_masks_from_uniform(box_uniform, h, w, prob=a.cutmix_prob,
+                                             area=a.cutmix_area, aspect=a.cutmix_aspect,
+                                             device=device)
+        # the partner is another image of the local batch: this alone depends on the split
+        partners = cutmix_partners_from_keys(partner_keys).to(device)
         images_u_strong = apply_cutmix(images_u_strong, box_mask, partners)
-        teacher_probs = apply_cutmix(teacher_probs, box_mask, partners)
+        teacher_probs = apply_cutmix(weak.teacher_probs, box_mask, partners)
         ignore_mask = apply_cutmix(batch.ignore_mask_u, box_mask, partners)
         return UnlabeledView(images_u_strong, teacher_probs, ignore_mask != self.ignore_index)
+
+    def annotate_view(self, view: UnlabeledView) -> None:
+        """Teacher-side tensors a method needs before the student's forward (in ``view.extra``)."""
+
+    def student_perturbation(self, batch: Batch, n_l: int, views: List[UnlabeledView]):
+        """The perturbation of the student's forward on ``[labeled; strong views]``."""
+        if views and self.skeleton.feature_perturbation == "complementary":
+            return ComplementaryDropout(batch.seeds_u, offset=len(views) * VIEW_DRAWS,
+                                        plain_rows=n_l, keep_prob=self.cfg.method.fp_keep_prob)
+        return None
+
+    def student_forward(self, student: nn.Module, images: Tensor, batch: Batch,
+                        views: List[UnlabeledView], perturb) -> StudentOutput:
+        """The student on ``[labeled; strong views]``."""
+        logits = student(images)[0] if perturb is None else student(images, perturb=perturb)[0]
+        return StudentOutput(logits)
+
+    def view_loss(self, logits_u: Tensor, view: UnlabeledView
+                  ) -> tuple[Tensor, Dict[str, Tensor]]:
+        """The loss of one unlabeled term (a strong view, or the perturbed weak view)."""
+        raise NotImplementedError
+
+    def extra_terms(self, output: StudentOutput, batch: Batch, views: List[UnlabeledView],
+                    terms: Dict[str, Tensor], weights: Dict[str, float],
+                    stats: Dict[str, Tensor]) -> None:
+        """Terms a method adds beside the template's (FARCLUSS: the contrastive loss)."""
+
+    # ---- one iteration ------------------------------------------------------------------------
+    def losses(self, batch: Batch, student: nn.Module, teacher: Optional[nn.Module],
+               iteration: int) -> LossOutput:
+        n_l = batch.images_l.shape[0]
+        views: List[UnlabeledView] = []
+        weak = logits_fp = None
+        if self.unsup_active(iteration):
+            weak, logits_fp = self.weak_view(batch, student, teacher)
+            views = [self.strong_view(batch, weak, k) for k in range(self.skeleton.strong_views)]
+            for view in views + ([weak] if logits_fp is not None else []):
+                self.annotate_view(view)
+        images = torch.cat([batch.images_l] + [view.images_u_strong for view in views])
+        output = self.student_forward(student, images, batch, views,
+                                      self.student_perturbation(batch, n_l, views))
+
+        s = self.loss_scale
+        terms = {"sup": self.supervised_loss(output.logits[:n_l], batch.masks_l)}
+        weights = {"sup": s}
+        stats: Dict[str, Tensor] = {}
+        if views:
+            unsup_weight = s * self.ramp_weight(iteration)
+            fp_share = self.cfg.method.fp_share if logits_fp is not None else 0.0
+            n_u = views[0].images_u_strong.shape[0]
+            for k, view in enumerate(views):
+                name = "unsup" if k == 0 else f"unsup{k + 1}"
+                logits_u = output.logits[n_l + k * n_u: n_l + (k + 1) * n_u]
+                terms[name], view_stats = self.view_loss(logits_u, view)
+                weights[name] = unsup_weight * (1.0 - fp_share) / len(views)
+                if k == 0:  # the statistics of the first view stand for all
+                    stats.update(view_stats)
+            if logits_fp is not None:
+                terms["fp"], _ = self.view_loss(logits_fp, weak)
+                weights["fp"] = unsup_weight * fp_share
+        self.extra_terms(output, batch, views, terms, weights, stats)
+        return LossOutput(terms=terms, weights=weights, stats=stats)
 
     def global_count(self, count: Tensor) -> Tensor:
         """A pixel count summed over ranks, divided by the world size.

@@ -10,7 +10,7 @@ K=1, weighting none, rebalance off, contrastive off and a threshold it is FixMat
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +25,8 @@ from farcluss.losses.fuzzy import fuzzy_targets, soft_cross_entropy
 from farcluss.losses.rebalance import class_counts, class_weights, ema_counts
 from farcluss.losses.unsup import weighted_unsup_loss
 from farcluss.losses.weighting import pixel_weights
-from farcluss.methods.base import (Batch, LossOutput, MeanTeacherMethod, Reduce, _identity,
-                                   confidence_stats)
+from farcluss.methods.base import (Batch, MeanTeacherMethod, Reduce, StudentOutput,
+                                   UnlabeledView, _identity, confidence_stats)
 
 
 class FarclussState(nn.Module):
@@ -196,52 +196,57 @@ class Farcluss(MeanTeacherMethod):
             state.prototype_initialized.copy_(initialized)
         return loss, stats
 
-    # ---- one iteration ------------------------------------------------------------------------
-    def losses(self, batch: Batch, student: nn.Module, teacher: Optional[nn.Module],
-               iteration: int) -> LossOutput:
-        m = self.cfg.method
+    # ---- the template's steps --------------------------------------------------------------------
+    def annotate_view(self, view: UnlabeledView) -> None:
+        targets, weights_u, pseudo_labels = self.teacher_targets(view.teacher_probs)
+        view.extra.update(targets=targets, pixel_weights=weights_u, pseudo_labels=pseudo_labels)
+
+    def view_loss(self, logits_u: Tensor, view: UnlabeledView
+                  ) -> tuple[Tensor, Dict[str, Tensor]]:
+        return self.unsup_loss(logits_u, view.teacher_probs, view.valid_mask, self._state,
+                               targets=view.extra["targets"],
+                               weights_u=view.extra["pixel_weights"],
+                               pseudo_labels=view.extra["pseudo_labels"])
+
+    def student_forward(self, student: nn.Module, images: Tensor, batch: Batch,
+                        views: List[UnlabeledView], perturb) -> StudentOutput:
         model = _unwrap(student)
-        state = model.farcluss_state
+        # the student's persistent statistics, which this step's later hooks update
+        self._state: FarclussState = model.farcluss_state
+        if not self.contrastive_on:
+            return super().student_forward(student, images, batch, views, perturb)
+        # the pixels of the contrastive loss are known before the forward (ground truth and the
+        # teacher's confident pseudo-labels), so the head projects only those
         n_l = batch.images_l.shape[0]
-        terms: Dict[str, Tensor] = {}
-        weights: Dict[str, float] = {"sup": 1.0}
-        stats: Dict[str, Tensor] = {}
-
-        view = targets = weights_u = pseudo_labels = None
-        if self.unsup_active(iteration) and teacher is not None:
-            view = self.teacher_view(teacher, batch)
-            targets, weights_u, pseudo_labels = self.teacher_targets(view.teacher_probs)
-            images = torch.cat([batch.images_l, view.images_u_strong])
-        else:
-            images = batch.images_l
-
-        if self.contrastive_on:
-            # the pixels of the contrastive loss are known before the forward (ground truth and
-            # the teacher's confident pseudo-labels), so the head projects only those
+        if views:
             pixel_labels = self.contrastive_labels(
-                batch.masks_l, pseudo_labels, weights_u, view.valid_mask if view else None)
-            if view is not None:
-                # how much of the unlabeled batch the u(x) gate lets into the contrast: the
-                # quantity that decides what this loss can teach (docs/method.md)
-                admitted = (pixel_labels[n_l:] != self.ignore_index).sum()
-                stats["contrast_unlabeled_fraction"] = (
-                    admitted / view.valid_mask.sum().clamp_min(1))
-            feature_size = model.feature_size(*images.shape[-2:])
-            project_index, contrast_labels = self.sample_contrastive_pixels(pixel_labels, feature_size)
-            logits, _, embeddings = student(images, project_index=project_index)
+                batch.masks_l, torch.cat([v.extra["pseudo_labels"] for v in views]),
+                torch.cat([v.extra["pixel_weights"] for v in views]),
+                torch.cat([v.valid_mask for v in views]))
         else:
-            logits = student(images)[0]
-        terms["sup"] = self.supervised_loss(logits[:n_l], batch.masks_l)
+            pixel_labels = self.contrastive_labels(batch.masks_l, None, None, None)
+        stats = {}
+        if views:
+            # how much of the unlabeled batch the u(x) gate lets into the contrast: the quantity
+            # that decides what this loss can teach (docs/method.md)
+            admitted = (pixel_labels[n_l:] != self.ignore_index).sum()
+            valid = sum(v.valid_mask.sum() for v in views)
+            stats["contrast_unlabeled_fraction"] = admitted / valid.clamp_min(1)
+        feature_size = model.feature_size(*images.shape[-2:])
+        project_index, contrast_labels = self.sample_contrastive_pixels(pixel_labels, feature_size)
+        kwargs = {} if perturb is None else {"perturb": perturb}
+        logits, _, embeddings = student(images, project_index=project_index, **kwargs)
+        return StudentOutput(logits, extra={"embeddings": embeddings,
+                                            "contrast_labels": contrast_labels, **stats})
 
-        if view is not None:
-            terms["unsup"], unsup_stats = self.unsup_loss(
-                logits[n_l:], view.teacher_probs, view.valid_mask, state,
-                targets=targets, weights_u=weights_u, pseudo_labels=pseudo_labels)
-            weights["unsup"] = self.ramp_weight(iteration)
-            stats.update(unsup_stats)
-
-        if self.contrastive_on:
-            terms["con"], con_stats = self.contrastive_loss(embeddings, contrast_labels, state)
-            weights["con"] = m.lambda_c
-            stats.update(con_stats)
-        return LossOutput(terms=terms, weights=weights, stats=stats)
+    def extra_terms(self, output: StudentOutput, batch: Batch, views: List[UnlabeledView],
+                    terms: Dict[str, Tensor], weights: Dict[str, float],
+                    stats: Dict[str, Tensor]) -> None:
+        if not self.contrastive_on:
+            return
+        if "contrast_unlabeled_fraction" in output.extra:
+            stats["contrast_unlabeled_fraction"] = output.extra["contrast_unlabeled_fraction"]
+        terms["con"], con_stats = self.contrastive_loss(
+            output.extra["embeddings"], output.extra["contrast_labels"], self._state)
+        weights["con"] = self.cfg.method.lambda_c
+        stats.update(con_stats)

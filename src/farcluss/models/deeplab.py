@@ -11,7 +11,7 @@ model exports to ONNX with dynamic height and width.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from .resnet import NormLayer, resnet
 
 #: ASPP rates at output stride 16; they scale with 16 / output_stride
 ASPP_RATES_OS16 = (6, 12, 18)
+
+#: a feature perturbation: the encoder features the decoder reads → the ones it decodes
+Perturb = Callable[[List[torch.Tensor]], List[torch.Tensor]]
 
 BACKBONE_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 
@@ -188,9 +191,16 @@ class DeepLabV3Plus(nn.Module):
         head_params = [p for module in self.head_modules() for p in module.parameters()]
         return backbone_params, head_params
 
-    def decode(self, images: torch.Tensor) -> torch.Tensor:
-        """The decoder feature ``B × decoder_channels × H/4 × W/4`` (before the classifier)."""
+    def decode(self, images: torch.Tensor, perturb: Optional[Perturb] = None) -> torch.Tensor:
+        """The decoder feature ``B × decoder_channels × H/4 × W/4`` (before the classifier).
+
+        ``perturb`` maps the encoder features the decoder reads, ``[low_level, high_level]``, to
+        the ones it decodes; it may change the batch (UniMatch decodes clean and dropped-out
+        copies together), and the decoder feature follows its batch.
+        """
         low_level, _, _, high_level = self.backbone(images)
+        if perturb is not None:
+            low_level, high_level = perturb([low_level, high_level])
         context = self.aspp(high_level)
         context = F.interpolate(context, size=low_level.shape[-2:], mode="bilinear",
                                 align_corners=False)
@@ -209,13 +219,14 @@ class DeepLabV3Plus(nn.Module):
         return (height + 3) // 4, (width + 3) // 4
 
     def forward(self, images: torch.Tensor, project: bool = False,
-                project_index: Optional[torch.Tensor] = None
+                project_index: Optional[torch.Tensor] = None, perturb: Optional[Perturb] = None
                 ) -> Union[Tuple[torch.Tensor, torch.Tensor],
                            Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``project=True`` adds embeddings of every decoder pixel (``B × D × h × w``);
         ``project_index`` (indices into the ``B·h·w`` decoder pixels, batch-major) adds
-        embeddings of those pixels only (``N × D``), which is what the contrastive loss needs."""
-        feature = self.decode(images)
+        embeddings of those pixels only (``N × D``), which is what the contrastive loss needs;
+        ``perturb`` is the feature perturbation of :meth:`decode`."""
+        feature = self.decode(images, perturb)
         logits = F.interpolate(self.classifier(feature), size=images.shape[-2:], mode="bilinear",
                                align_corners=False)
         if project_index is not None:
