@@ -1,4 +1,4 @@
-"""Every config in configs/ loads and validates; the paper recipes follow METHOD.md §7."""
+"""Every config in configs/ loads and validates; the paper recipes follow docs/method.md §7."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from farcluss.config import load_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
 
-# published cell → (labeled images, training images the split is drawn from), METHOD.md §7
+# published cell → (labeled images, training images the split is drawn from), docs/method.md §7
 VOC_CELLS = {
     "classic_92": (92, 10582), "classic_183": (183, 10582), "classic_366": (366, 10582),
     "classic_732": (732, 10582), "classic_1464": (1464, 10582),
