@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from farcluss.errors import ConfigError, FarclussError
+from farcluss.inference import load_trained_model
 
 PathLike = Union[str, Path]
 
@@ -192,8 +193,6 @@ def export_checkpoint(checkpoint: PathLike, out: PathLike, model_name: str = "te
                       tolerance: float = DEFAULT_TOLERANCE) -> ExportReport:
     """Export the teacher (or student) of a run checkpoint; ``size`` defaults to its crop size."""
     _require_onnx()  # before loading a large checkpoint
-    from farcluss.inference import load_trained_model
-
     model, saved_cfg, classes = load_trained_model(Path(checkpoint), model_name,
                                                    device=torch.device("cpu"))
     if size is None:
