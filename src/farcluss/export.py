@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from farcluss.errors import ConfigError, FarclussError
+from farcluss.errors import ConfigError, FarclussError, one_line
 from farcluss.inference import load_trained_model
 
 PathLike = Union[str, Path]
@@ -152,8 +152,7 @@ def export_onnx(model: nn.Module, path: PathLike, size: Tuple[int, int] = (321, 
                 dynamic_axes={INPUT_NAME: _DYNAMIC_AXES, OUTPUT_NAME: _DYNAMIC_AXES},
                 do_constant_folding=True)
         except Exception as error:  # unsupported opset, unsupported operator
-            message = " ".join(str(error).split()) or type(error).__name__
-            raise ExportError(f"ONNX export to {path} failed (opset {opset}): {message}") from error
+            raise ExportError(f"ONNX export to {path} failed (opset {opset}): {one_line(error)}") from error
 
     proto = onnx.load(str(path))
     metadata = {"producer": "farcluss", "mean": json.dumps(list(mean)),

@@ -33,7 +33,7 @@ from farcluss.cli_args import non_negative_int, positive_int
 from farcluss.config import Config
 from farcluss.data.io import load_image
 from farcluss.data.transforms import image_to_tensor
-from farcluss.errors import ConfigError, FarclussError
+from farcluss.errors import ConfigError, FarclussError, one_line
 from farcluss.evaluate import predict
 from farcluss.inference import load_trained_model, resolve_inference_device
 from farcluss.log import Progress, get_logger
@@ -162,10 +162,9 @@ def group_by_size(jobs: Iterable[ImageJob], batch_size: int
 
 
 def _reason(error: BaseException) -> str:
-    text = " ".join(str(error).split())
     if isinstance(error, UnidentifiedImageError):
         return "not a readable image"
-    return text or type(error).__name__
+    return one_line(error)
 
 
 # ---- running the model ---------------------------------------------------------------------------
