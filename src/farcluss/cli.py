@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from farcluss import __version__, bench, demo, export, predict
-from farcluss.cli_args import add_config_args, count_or_ratio, positive_int
+from farcluss.cli_args import add_checkpoint_args, add_config_args, count_or_ratio, positive_int
 from farcluss.config import load_config
 from farcluss.data.benchmark import make_benchmark
 from farcluss.data.build import build_data
@@ -147,9 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation list")
     add_config_args(p, config_required=False)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--model", choices=["teacher", "student"], default=None,
-                   help="which model of the checkpoint (default eval.model)")
+    add_checkpoint_args(p, model_default=None, model_help="default eval.model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 

@@ -10,26 +10,25 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text}: expected a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return value
+def _int_at_least(minimum: int, name: str):
+    """An argparse type: a whole number >= `minimum`, with a message naming the input."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: expected a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text}: must be at least {minimum}")
+        return value
+
+    parse.__name__ = name
+    parse.__doc__ = f"argparse type: a whole number >= {minimum}."
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text}: expected a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 0")
-    return value
+positive_int = _int_at_least(1, "positive_int")
+non_negative_int = _int_at_least(0, "non_negative_int")
 
 
 def count_or_ratio(text: str):
@@ -62,3 +61,15 @@ def add_config_args(parser: argparse.ArgumentParser, config_required: bool = Tru
     else:
         parser.add_argument("config", nargs="?", default=None, help="YAML config file (optional)")
     add_overrides_arg(parser)
+
+
+#: the models of a run checkpoint
+CHECKPOINT_MODELS = ("teacher", "student")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, model_default: str = "teacher",
+                        model_help: str = "default teacher; a supervised run has only the student") -> None:
+    """``--checkpoint`` (required) and ``--model teacher|student`` (into ``args.model``)."""
+    parser.add_argument("--checkpoint", required=True, help="a run checkpoint (best.pt, last.pt)")
+    parser.add_argument("--model", choices=list(CHECKPOINT_MODELS), default=model_default,
+                        help=f"which model of the checkpoint ({model_help})")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from farcluss.cli_args import add_checkpoint_args
 from farcluss.errors import ConfigError, FarclussError, one_line
 from farcluss.inference import load_trained_model
 
@@ -226,10 +227,8 @@ def register_command(subparsers: argparse._SubParsersAction) -> None:
                     "difference to PyTorch is printed; above --tolerance + "
                     f"{RELATIVE_TOLERANCE:g} × max |logit| the command fails (exit code 2). "
                     "Needs: pip install farcluss[onnx].")
-    parser.add_argument("--checkpoint", required=True, help="a run checkpoint (best.pt, last.pt)")
+    add_checkpoint_args(parser)
     parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument("--model", choices=["teacher", "student"], default="teacher",
-                        help="which model of the checkpoint (default teacher)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset version, {MIN_OPSET} or newer (default "
                              f"{DEFAULT_OPSET})")

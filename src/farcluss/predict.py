@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from farcluss.cli_args import non_negative_int, positive_int
+from farcluss.cli_args import add_checkpoint_args, non_negative_int, positive_int
 from farcluss.config import Config
 from farcluss.data.io import load_image
 from farcluss.data.transforms import image_to_tensor
@@ -318,11 +318,8 @@ def register_command(subparsers: argparse._SubParsersAction) -> None:
                "and skipped, the other images are still written, and the exit code is "
                f"{EXIT_INPUT_FAILED}; the exit code is 0 when every input was predicted.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    parser.add_argument("--checkpoint", required=True, help="a run checkpoint (best.pt, last.pt)")
+    add_checkpoint_args(parser)
     parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--model", choices=["teacher", "student"], default="teacher",
-                        help="which model of the checkpoint (default teacher; a supervised run "
-                             "has only the student)")
     parser.add_argument("--probs", action="store_true", help="also write NAME_probs.npy")
     parser.add_argument("--sliding-size", type=non_negative_int, default=None, metavar="N",
                         help="predict images with a side longer than N in N×N windows (stride "
