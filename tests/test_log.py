@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import fcntl
 import io
-import logging
 import os
 import pty
 import struct
@@ -24,14 +23,6 @@ class Terminal(io.StringIO):
 
     def isatty(self) -> bool:
         return True
-
-
-@pytest.fixture
-def restore_logging():
-    logger = logging.getLogger("farcluss")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 def test_rank_0_shows_info_and_prefixes_warnings(capsys, restore_logging):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
@@ -31,14 +30,6 @@ def root(tmp_path_factory):
 
 def _cfg(root, *overrides, method="farcluss"):
     return load_config(None, tiny_overrides(root, method) + list(overrides))
-
-
-@pytest.fixture
-def restore_logging():
-    logger = logging.getLogger("farcluss")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 def test_an_empty_root_is_a_config_error_naming_the_key():
