@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Tiny models gain nothing from a second thread, and OpenMP threads that spin-wait make a step
@@ -107,3 +108,12 @@ def write_tiny_checkpoint(path: Path, root: Path, seed: int = 0) -> Path:
     torch.save({"config": cfg.to_dict(), "classes": TINY_CLASSES, "student": state,
                 "teacher": state}, path)
     return path
+
+
+@pytest.fixture
+def restore_logging():
+    """Puts the ``farcluss`` logger back as it was after a test that calls `setup_logging`."""
+    logger = logging.getLogger("farcluss")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

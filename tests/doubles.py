@@ -1,4 +1,4 @@
-"""Test doubles shared by the method tests."""
+"""Test doubles shared by the tests."""
 
 import torch
 from torch import nn
@@ -17,3 +17,21 @@ class FixedTeacher(nn.Module):
         assert images.shape[0] == self.log_probs.shape[0]
         assert images.shape[-2:] == self.log_probs.shape[-2:]
         return self.log_probs.clone(), images
+
+
+class FakeSummaryWriter:
+    """Records add_scalar calls in place of torch.utils.tensorboard.SummaryWriter."""
+
+    instances = []
+
+    def __init__(self, log_dir):
+        self.log_dir = log_dir
+        self.scalars = []
+        self.flushes = 0
+        FakeSummaryWriter.instances.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def flush(self):
+        self.flushes += 1

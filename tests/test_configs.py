@@ -1,4 +1,5 @@
-"""Every shipped config loads and validates; each ablation changes its named switch only."""
+"""Every shipped config loads and validates; each ablation changes its named switch only; the
+paper recipes follow docs/method.md §7."""
 
 from pathlib import Path
 
@@ -48,3 +49,74 @@ def test_each_ablation_changes_only_its_switch(name):
     ablation = load_config(CONFIGS / "ablation" / f"{name}.yaml").to_dict()
     expected = {**benchmark, "method": {**benchmark["method"], **ABLATIONS[name]}}
     assert ablation == expected
+
+
+# published cell → (labeled images, training images the split is drawn from), docs/method.md §7
+VOC_CELLS = {
+    "classic_92": (92, 10582), "classic_183": (183, 10582), "classic_366": (366, 10582),
+    "classic_732": (732, 10582), "classic_1464": (1464, 10582),
+    "blended_1_16": (662, 10582), "blended_1_8": (1323, 10582), "blended_1_4": (2646, 10582),
+}
+CITYSCAPES_CELLS = {"1_16": (186, 2975), "1_8": (372, 2975), "1_4": (744, 2975),
+                    "1_2": (1488, 2975)}
+# iterations worked out by hand: epochs × floor((total − labeled) / 8)
+EXPECTED_ITERATIONS = {
+    "classic_92": 80 * 1311, "classic_183": 80 * 1299, "classic_366": 80 * 1277,
+    "classic_732": 80 * 1231, "classic_1464": 80 * 1139, "blended_1_16": 80 * 1240,
+    "blended_1_8": 80 * 1157, "blended_1_4": 80 * 992,
+    "1_16": 240 * 348, "1_8": 240 * 325, "1_4": 240 * 278, "1_2": 240 * 185,
+}
+GPUS = 4  # the recipes' stated GPU count
+
+
+def test_configs_exist():
+    assert len(ALL_CONFIGS) >= 1 + 2 * len(VOC_CELLS) + 2 * len(CITYSCAPES_CELLS)
+
+
+def _recipes(dataset, cells):
+    return [(cell, backbone, CONFIGS / dataset / f"{cell}_{backbone}.yaml")
+            for cell in cells for backbone in ("r50", "r101")]
+
+
+@pytest.mark.parametrize("cell,backbone,path", _recipes("voc", VOC_CELLS) + _recipes(
+    "cityscapes", CITYSCAPES_CELLS), ids=lambda value: str(value))
+def test_paper_recipe_follows_the_protocol(cell, backbone, path):
+    assert path.is_file(), f"missing recipe {path}"
+    cfg = load_config(path)
+    d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
+    is_voc = path.parent.name == "voc"
+    folder = "pascal" if is_voc else "cityscapes"
+    split = cell.replace("classic_", "").replace("blended_", "")
+    assert d.labeled == f"splits/{folder}/{split}/labeled.txt"
+    assert d.unlabeled == f"splits/{folder}/{split}/unlabeled.txt"
+    assert d.val == f"splits/{folder}/val.txt"
+    assert d.preset == ("voc_blended" if cell.startswith("blended") else "voc" if is_voc
+                        else "cityscapes")
+    assert d.num_classes == (21 if is_voc else 19)
+    assert cfg.method.name == "farcluss"
+    assert (t.batch_size * GPUS, (t.unlabeled_batch_size or t.batch_size) * GPUS) == (8, 8)
+    assert t.iterations == EXPECTED_ITERATIONS[cell]
+    assert (m.backbone, m.deep_stem, m.stem_width) == (
+        "resnet50" if backbone == "r50" else "resnet101", True, 128)
+    assert m.pretrained == f"pretrained/{m.backbone}.pth"
+    assert (t.momentum, t.weight_decay, t.poly_power) == (0.9, 1e-4, 0.9)
+    if is_voc:
+        assert (d.crop_size, t.lr, t.head_lr_multiplier, t.loss, e.mode) == (
+            321, 1e-3, 10.0, "ce", "whole")
+    else:
+        assert (d.crop_size, t.lr, t.head_lr_multiplier, t.loss, e.mode) == (
+            801, 5e-3, 1.0, "ohem", "sliding")
+        assert (t.ohem_threshold, t.ohem_min_kept) == (0.7, 200000)
+        assert (e.crop_size or d.crop_size, e.stride_ratio) == (801, pytest.approx(2 / 3))
+
+
+@pytest.mark.parametrize("dataset,cells", [("voc", VOC_CELLS), ("cityscapes", CITYSCAPES_CELLS)])
+def test_r50_and_r101_recipes_differ_only_in_the_backbone(dataset, cells):
+    for cell in cells:
+        r50 = load_config(CONFIGS / dataset / f"{cell}_r50.yaml").to_dict()
+        r101 = load_config(CONFIGS / dataset / f"{cell}_r101.yaml").to_dict()
+        for section in r50:
+            if section != "model":
+                assert r50[section] == r101[section], (cell, section)
+        changed = {key for key in r50["model"] if r50["model"][key] != r101["model"][key]}
+        assert changed == {"backbone", "pretrained"}

@@ -5,6 +5,7 @@ from torch import nn
 from farcluss.errors import ConfigError, DataError
 from farcluss.evaluate import (
     confusion_matrix,
+    eval_mode,
     evaluate,
     predict,
     predict_center_crop,
@@ -263,3 +264,20 @@ def test_evaluate_on_cuda_matches_cpu():
     on_cpu = evaluate(model, loader, 3, mode="sliding", crop_size=12, device="cpu")
     on_cuda = evaluate(model.cuda(), loader, 3, mode="sliding", crop_size=12)
     assert on_cuda["pixel_accuracy"] == pytest.approx(on_cpu["pixel_accuracy"], abs=0.5)
+
+
+def test_eval_mode_runs_without_gradients_and_gives_the_mode_back_also_on_error():
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2), nn.Dropout(0.5))
+    model.train()
+    with eval_mode(model) as same:
+        assert same is model and not model.training and not model[1].training
+        assert not model(torch.ones(1, 3, 4, 4)).requires_grad
+    assert model.training and model[1].training
+    with pytest.raises(RuntimeError, match="boom"):
+        with eval_mode(model):
+            raise RuntimeError("boom")
+    assert model.training
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training  # a model in eval mode stays there

@@ -7,36 +7,18 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_CLASSES, tiny_overrides, write_tiny_dataset
+from doubles import FakeSummaryWriter
 from farcluss.cli import main
 from farcluss.config import load_config
 from farcluss.engine.trainer import Trainer
 from farcluss.palette import IGNORE_COLOUR, class_colours
 from farcluss.report import (
-    TensorBoardLogger,
     best_record,
     colourise,
     median_seconds_per_iteration,
     miou_curve,
     read_metrics,
 )
-
-
-class FakeSummaryWriter:
-    """Records add_scalar calls in place of torch.utils.tensorboard.SummaryWriter."""
-
-    instances = []
-
-    def __init__(self, log_dir):
-        self.log_dir = log_dir
-        self.scalars = []
-        self.flushes = 0
-        FakeSummaryWriter.instances.append(self)
-
-    def add_scalar(self, tag, value, step):
-        self.scalars.append((tag, value, step))
-
-    def flush(self):
-        self.flushes += 1
 
 
 @pytest.fixture(scope="module")
@@ -98,25 +80,6 @@ def test_trainer_mirrors_records_into_tensorboard(short_run):
                      if r["type"] == "eval" and r["model"] == "teacher"]
     logged = [value for tag, value, _ in writers[0].scalars if tag == "eval/teacher/miou"]
     assert logged == teacher_mious
-
-
-def test_tensorboard_logger_without_the_package_warns_once_and_does_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails
-    logger = TensorBoardLogger(tmp_path / "tb")
-    logger.log({"type": "train", "iteration": 1, "loss": 1.0})
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "tensorboard package is not installed" in err
-    assert not (tmp_path / "tb").exists()
-
-
-def test_tensorboard_logger_skips_non_finite_and_names_classes(tmp_path):
-    writer = FakeSummaryWriter("x")
-    logger = TensorBoardLogger(tmp_path, class_names=["bg", "cat"], writer_factory=lambda _: writer)
-    logger.log({"type": "eval", "iteration": 7, "model": "teacher", "miou": 40.0, "pixel_accuracy": None,
-                "per_class_iou": [60.0, None], "class_names": ["bg", "cat"]})
-    logger.log({"type": "train", "iteration": 8, "loss": float("nan"), "lr": 0.01, "flag": True})
-    assert writer.scalars == [("eval/teacher/miou", 40.0, 7), ("eval/teacher/iou/bg", 60.0, 7),
-                              ("train/lr", 0.01, 8)]
 
 
 def test_read_metrics_skips_a_torn_last_line(tmp_path):

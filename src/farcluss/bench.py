@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from farcluss.cli_args import add_overrides_arg
 from farcluss.config import Config, config_from_dict, load_config
 from farcluss.data.splits import Sample
 from farcluss.errors import ConfigError, DataError, FarclussError
@@ -308,6 +309,5 @@ def register_command(subparsers) -> None:
                    help="comma-separated (default 0,1,2)")
     q.add_argument("--json", default=None, help="also write the results document here")
     q.add_argument("--out", default=None, help="folder of the runs (default runs/bench-<config>-<time>)")
-    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key for every run (repeatable)")
+    add_overrides_arg(q, "for every run")
     q.set_defaults(func=cmd_accuracy)

@@ -10,23 +10,27 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
+from farcluss import __version__, bench, demo, export, predict
+from farcluss.cli_args import add_checkpoint_args, add_config_args, count_or_ratio, positive_int
+from farcluss.config import load_config
+from farcluss.data.benchmark import make_benchmark
+from farcluss.data.build import build_data
+from farcluss.data.check import check_samples
+from farcluss.data.cityscapes import convert_cityscapes
+from farcluss.data.splits import make_splits
+from farcluss.engine.distributed import cleanup, env_from_environment, init_distributed
+from farcluss.engine.trainer import Trainer, resolve_device
 from farcluss.errors import FarclussError
+from farcluss.inference import evaluate_checkpoint
+from farcluss.log import get_logger, setup_logging
+from farcluss.report import make_report
 
 EXIT_USER_ERROR = 2
 
-
-def _add_config_args(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
-    if config_required:
-        parser.add_argument("config", help="YAML config file")
-    else:
-        parser.add_argument("config", nargs="?", default=None, help="YAML config file (optional)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.lr=0.01 (repeatable)")
+logger = get_logger(__name__)
 
 
 def _load(args: argparse.Namespace):
-    from farcluss.config import load_config
-
     return load_config(args.config, args.overrides)
 
 
@@ -37,9 +41,6 @@ def _default_out(cfg, config_path: Optional[str]) -> Path:
 
 # ---- train / eval ---------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from farcluss.engine.distributed import cleanup, env_from_environment, init_distributed
-    from farcluss.engine.trainer import Trainer, resolve_device
-
     cfg = _load(args)
     env = env_from_environment()
     out = Path(args.out) if args.out else _default_out(cfg, args.config)
@@ -58,8 +59,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from farcluss.inference import evaluate_checkpoint
-
     cfg = _load(args)
     metrics = evaluate_checkpoint(cfg, args.checkpoint, model_name=args.model, progress=not args.json)
     if args.json:
@@ -76,20 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ---- data tools ------------------------------------------------------------------------------------
-def _count_or_ratio(text: str):
-    value = float(text)
-    if value >= 1:
-        if value != int(value):
-            raise argparse.ArgumentTypeError(f"{text}: a count must be a whole number")
-        return int(value)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be a positive count or a ratio in (0, 1)")
-    return value
-
-
 def cmd_splits(args: argparse.Namespace) -> int:
-    from farcluss.data.splits import make_splits
-
     written = make_splits(args.out, source_list=args.list, folder=args.folder, root=args.root,
                           labeled=args.labeled, seed=args.seed, val=args.val)
     for name, path in written.items():
@@ -99,9 +85,6 @@ def cmd_splits(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from farcluss.data.build import build_data
-    from farcluss.data.check import check_samples
-
     cfg = _load(args)
     data = build_data(cfg)
     n_classes = len(data.classes)
@@ -123,8 +106,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "make-benchmark":
-        from farcluss.data.benchmark import make_benchmark
-
         kwargs = {}
         if args.num_train is not None:
             kwargs["num_train"] = args.num_train
@@ -134,25 +115,27 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"benchmark dataset ready in {path}")
         return 0
     if args.data_command == "cityscapes":
-        from farcluss.data.cityscapes import convert_cityscapes
-
         n = convert_cityscapes(args.root)
         print(f"wrote {n} *_labelTrainIds.png files under {args.root}")
         return 0
     raise FarclussError("farcluss data needs a subcommand: make-benchmark or cityscapes")
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    page = make_report(args.run_dir, args.out, num_images=args.num_images)
+    print(f"report written to {page}")
+    return 0
+
+
 # ---- parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from farcluss import __version__
-
     parser = argparse.ArgumentParser(prog="farcluss", description=__doc__)
     parser.add_argument("--version", action="version", version=f"farcluss {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (one process, or one per rank under torchrun)")
-    _add_config_args(p, config_required=False)
+    add_config_args(p, config_required=False)
     p.add_argument("--out", help="run folder (default runs/<config>-<method>-<time>)")
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true",
@@ -163,10 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation list")
-    _add_config_args(p, config_required=False)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--model", choices=["teacher", "student"], default=None,
-                   help="which model of the checkpoint (default eval.model)")
+    add_config_args(p, config_required=False)
+    add_checkpoint_args(p, model_default=None, model_help="default eval.model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -175,14 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--list", help="a split list to divide (paths relative to --root)")
     src.add_argument("--folder", help="a folder with images/ and masks/")
     p.add_argument("--root", help="dataset root the paths are relative to (default: the folder)")
-    p.add_argument("--labeled", type=_count_or_ratio, required=True, help="count (≥1) or ratio (<1)")
-    p.add_argument("--val", type=_count_or_ratio, default=None, help="count or ratio held out for val")
+    p.add_argument("--labeled", type=count_or_ratio, required=True, help="count (≥1) or ratio (<1)")
+    p.add_argument("--val", type=count_or_ratio, default=None, help="count or ratio held out for val")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for labeled.txt, unlabeled.txt, val.txt")
     p.set_defaults(func=cmd_splits)
 
     p = sub.add_parser("check", help="scan every image and mask of a config's splits")
-    _add_config_args(p, config_required=False)
+    add_config_args(p, config_required=False)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("data", help="dataset tools")
@@ -196,10 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("root", help="Cityscapes root (holding gtFine/)")
     p.set_defaults(func=cmd_data)
 
-    from farcluss import bench, demo, export, predict, report
-
-    for module in (demo, bench, predict, export, report):
+    for module in (demo, bench, predict, export):
         module.register_command(sub)
+
+    p = sub.add_parser("report", help="plots and an HTML page of a run folder")
+    p.add_argument("run_dir", help="run folder (holding metrics.jsonl, config.yaml, checkpoints/)")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
+    p.add_argument("--num-images", type=positive_int, default=6,
+                   help="validation images in the prediction grid")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -219,8 +205,9 @@ def error_line(error: BaseException) -> str:
     return " ".join(text.split()) or type(error).__name__
 
 
-def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` of the CLI: a deprecation (or a library's warning) as one line."""
+    logger.warning("%s", message)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -229,16 +216,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR
+    setup_logging(debug=args.debug)
     with warnings.catch_warnings():
         if not args.debug:
-            warnings.showwarning = _print_warning
+            warnings.showwarning = _log_warning
         try:
             return int(args.func(args) or 0)
         # an unreadable or unwritable path is the user's environment, not a bug: one line too
         except (FarclussError, OSError) as exc:
             if args.debug:
                 raise
-            print(f"error: {error_line(exc)}", file=sys.stderr)
+            logger.error("%s", error_line(exc))
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

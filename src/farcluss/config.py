@@ -72,7 +72,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """The semi-supervised method and every FARCLUSS reading (METHOD.md §0–§6)."""
+    """The semi-supervised method and every FARCLUSS reading (docs/method.md §0–§6)."""
 
     #: supervised | fixmatch | unimatch | farcluss
     name: Literal["supervised", "fixmatch", "unimatch", "farcluss"] = "farcluss"
@@ -114,13 +114,13 @@ class MethodConfig:
     rebalance_alpha: float = 1.0
     #: class weights are clipped to this range after mean-normalisation
     rebalance_clip: Tuple[float, float] = (0.1, 10.0)
-    #: weights are scaled to mean 1 over the present classes (METHOD.md) or over the pixels, which keeps the unlabeled loss at its scale
+    #: weights are scaled to mean 1 over the present classes (docs/method.md) or over the pixels, which keeps the unlabeled loss at its scale
     rebalance_normalize: Literal["classes", "pixels"] = "classes"
     #: EMA momentum of the class counts (rebalance=ema)
     rebalance_momentum: float = 0.99
-    #: "pixel": w_{argmax q} multiplies the pixel loss (METHOD.md default); "inside": −Σ_c w_c q_c log p_c
+    #: "pixel": w_{argmax q} multiplies the pixel loss (docs/method.md default); "inside": −Σ_c w_c q_c log p_c
     rebalance_apply: Literal["pixel", "inside"] = "pixel"
-    #: denominator of L_unsup: valid (the valid pixel count, METHOD.md) | weights (the sum of u·w: a weighted mean that keeps the loss at its scale)
+    #: denominator of L_unsup: valid (the valid pixel count, docs/method.md) | weights (the sum of u·w: a weighted mean that keeps the loss at its scale)
     unsup_normalize: Literal["valid", "weights"] = "valid"
     #: prototype contrastive loss on the decoder feature: off | prototype
     contrastive: Literal["off", "prototype"] = "prototype"
@@ -140,7 +140,7 @@ class MethodConfig:
 
 @dataclass
 class AugmentConfig:
-    """Strong view of an unlabeled crop (METHOD.md §0); it must not change what an object is."""
+    """Strong view of an unlabeled crop (docs/method.md §0); it must not change what an object is."""
 
     #: colour jitter strength (torchvision semantics)
     brightness: float = 0.5

@@ -41,19 +41,18 @@ from farcluss.bench import (
     rare_classes_of,
     train_run,
 )
+from farcluss.cli_args import add_overrides_arg, positive_int
 from farcluss.config import Config, load_config
 from farcluss.errors import ConfigError, FarclussError
+from farcluss.inference import predict_validation_examples
 from farcluss.report import (
     html_table,
-    load_validation_examples,
     median_seconds_per_iteration,
     miou_curve,
     plot_class_iou_bars,
     plot_miou_curves,
-    positive_int,
-    predict_masks,
     read_metrics,
-    save_prediction_grid,
+    save_validation_predictions,
     write_html_page,
 )
 
@@ -268,10 +267,6 @@ def run_demo(out_dir, minutes: float = DEFAULT_MINUTES, seed: int = 0, data_dir=
 
 
 def _write_report(out: Path, cfg: Config, document: dict, rare_indices: List[int], num_images: int) -> None:
-    from farcluss.data.build import build_data
-    from farcluss.inference import load_trained_model
-    from farcluss.report import inference_device
-
     runs = document["methods"]
     class_names = document["class_names"]
     plot_class_iou_bars({r["method"]: [r["per_class_iou"][n] for n in class_names] for r in runs},
@@ -285,16 +280,9 @@ def _write_report(out: Path, cfg: Config, document: dict, rare_indices: List[int
     plot_miou_curves(curves, out / "miou.png",
                      title="validation mIoU" + (f" (first {limit} images)" if limit else ""))
 
-    data = build_data(cfg, need_train=False)
-    images, masks, names = load_validation_examples(cfg, data.val, len(class_names), num_images)
-    device = inference_device()
-    predictions = {}
-    for run in runs:
-        model, _, _ = load_trained_model(Path(run["run_dir"]) / "checkpoints" / "last.pt", run["model"],
-                                         num_classes=len(class_names), device=device)
-        predictions[run["method"]] = predict_masks(model, cfg, images, device)
-    save_prediction_grid(images, masks, predictions, class_names, out / "predictions.png",
-                         cfg.data.ignore_index, row_names=names)
+    models = {run["method"]: (Path(run["run_dir"]) / "checkpoints" / "last.pt", run["model"]) for run in runs}
+    save_validation_predictions(predict_validation_examples(cfg, models, num_images), out / "predictions.png",
+                                cfg.data.ignore_index)
 
     table = html_table(["method", "model", "mIoU", "rare mIoU", "s / iteration"],
                        [[r["method"], r["model"], r["miou"], r["rare_miou"], r["seconds_per_iteration"]]
@@ -349,6 +337,5 @@ def register_command(subparsers) -> None:
     p.add_argument("--config", default=None, help="config (default configs/benchmark.yaml)")
     p.add_argument("--num-images", type=positive_int, default=6,
                    help="validation images in the prediction grid")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key for all three methods (repeatable)")
+    add_overrides_arg(p, "for all three methods")
     p.set_defaults(func=cmd_demo)

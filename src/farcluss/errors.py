@@ -15,3 +15,8 @@ class DataError(FarclussError):
 
 class CheckpointError(FarclussError):
     """A checkpoint or weight file cannot be loaded safely or does not match the model."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line (whitespace runs collapsed); its type name when empty."""
+    return " ".join(str(error).split()) or type(error).__name__

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from farcluss.errors import ConfigError, DataError
+from farcluss.log import Progress
 
 Region = Tuple[slice, slice]
 EVAL_MODES = ("whole", "center_crop", "sliding")
@@ -231,6 +231,19 @@ def predict(
     return predict_sliding(model, images, crop_size, stride_ratio), _FULL_REGION
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The block runs `model` in eval mode without gradients; its previous mode comes back after,
+    also when the block raises (a student evaluated mid-training keeps training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def evaluate(
     model: torch.nn.Module,
     loader: Iterable[Dict[str, torch.Tensor]],
@@ -262,24 +275,25 @@ def evaluate(
     autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype)
                 if amp_dtype is not None else contextlib.nullcontext())
 
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
-                images = batch["image"].to(device, non_blocking=True)
-                masks = batch["mask"].to(device, non_blocking=True)
-                if masks.shape[-2:] != images.shape[-2:]:
-                    names = batch.get("name", "?")
-                    names = ", ".join(names) if isinstance(names, (list, tuple)) else str(names)
-                    raise DataError(f"{names}: image is {tuple(images.shape[-2:])} but mask is "
-                                    f"{tuple(masks.shape[-2:])}")
-                with autocast:
-                    probs, (rows, cols) = predict(model, images, mode, crop_size, output_stride, stride_ratio)
-                confusion += confusion_matrix(probs.argmax(dim=1), masks[:, rows, cols],
-                                              num_classes, ignore_index)
-    finally:
-        model.train(was_training)
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = 0
+    with eval_mode(model), Progress(total, desc="eval", every=max(1, total // 10),
+                                    enabled=progress and total > 0) as progress_bar:
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
+            masks = batch["mask"].to(device, non_blocking=True)
+            if masks.shape[-2:] != images.shape[-2:]:
+                names = batch.get("name", "?")
+                names = ", ".join(names) if isinstance(names, (list, tuple)) else str(names)
+                raise DataError(f"{names}: image is {tuple(images.shape[-2:])} but mask is "
+                                f"{tuple(masks.shape[-2:])}")
+            with autocast:
+                probs, (rows, cols) = predict(model, images, mode, crop_size, output_stride, stride_ratio)
+            confusion += confusion_matrix(probs.argmax(dim=1), masks[:, rows, cols],
+                                          num_classes, ignore_index)
+            progress_bar.update(1)
 
     if reduce is not None:
         confusion = reduce(confusion)

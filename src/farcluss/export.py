@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from farcluss.errors import ConfigError, FarclussError
+from farcluss.cli_args import add_checkpoint_args
+from farcluss.errors import ConfigError, FarclussError, one_line
+from farcluss.inference import load_trained_model
 
 PathLike = Union[str, Path]
 
@@ -151,8 +153,7 @@ def export_onnx(model: nn.Module, path: PathLike, size: Tuple[int, int] = (321, 
                 dynamic_axes={INPUT_NAME: _DYNAMIC_AXES, OUTPUT_NAME: _DYNAMIC_AXES},
                 do_constant_folding=True)
         except Exception as error:  # unsupported opset, unsupported operator
-            message = " ".join(str(error).split()) or type(error).__name__
-            raise ExportError(f"ONNX export to {path} failed (opset {opset}): {message}") from error
+            raise ExportError(f"ONNX export to {path} failed (opset {opset}): {one_line(error)}") from error
 
     proto = onnx.load(str(path))
     metadata = {"producer": "farcluss", "mean": json.dumps(list(mean)),
@@ -192,8 +193,6 @@ def export_checkpoint(checkpoint: PathLike, out: PathLike, model_name: str = "te
                       tolerance: float = DEFAULT_TOLERANCE) -> ExportReport:
     """Export the teacher (or student) of a run checkpoint; ``size`` defaults to its crop size."""
     _require_onnx()  # before loading a large checkpoint
-    from farcluss.inference import load_trained_model
-
     model, saved_cfg, classes = load_trained_model(Path(checkpoint), model_name,
                                                    device=torch.device("cpu"))
     if size is None:
@@ -228,10 +227,8 @@ def register_command(subparsers: argparse._SubParsersAction) -> None:
                     "difference to PyTorch is printed; above --tolerance + "
                     f"{RELATIVE_TOLERANCE:g} × max |logit| the command fails (exit code 2). "
                     "Needs: pip install farcluss[onnx].")
-    parser.add_argument("--checkpoint", required=True, help="a run checkpoint (best.pt, last.pt)")
+    add_checkpoint_args(parser)
     parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument("--model", choices=["teacher", "student"], default="teacher",
-                        help="which model of the checkpoint (default teacher)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset version, {MIN_OPSET} or newer (default "
                              f"{DEFAULT_OPSET})")

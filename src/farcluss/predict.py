@@ -20,7 +20,6 @@ read is named on stderr and skipped; the others are still written and the exit c
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +28,18 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
+from farcluss.cli_args import add_checkpoint_args, non_negative_int, positive_int
 from farcluss.config import Config
 from farcluss.data.io import load_image
 from farcluss.data.transforms import image_to_tensor
-from farcluss.errors import ConfigError, FarclussError
+from farcluss.errors import ConfigError, FarclussError, one_line
 from farcluss.evaluate import predict
+from farcluss.inference import load_trained_model, resolve_inference_device
+from farcluss.log import Progress, get_logger
 from farcluss.palette import legend, overlay, save_index_png
+
+logger = get_logger(__name__)
 
 PathLike = Union[str, Path]
 
@@ -159,26 +162,12 @@ def group_by_size(jobs: Iterable[ImageJob], batch_size: int
 
 
 def _reason(error: BaseException) -> str:
-    text = " ".join(str(error).split())
     if isinstance(error, UnidentifiedImageError):
         return "not a readable image"
-    return text or type(error).__name__
+    return one_line(error)
 
 
 # ---- running the model ---------------------------------------------------------------------------
-def resolve_inference_device(name: str) -> torch.device:
-    """``auto`` → the first GPU when there is one, else the CPU; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available")
-    return device
-
-
 def resolve_sliding_size(saved_cfg: Config, requested: Optional[int]) -> Optional[int]:
     """Window side for sliding inference, or None for whole-image inference of every size.
 
@@ -253,14 +242,12 @@ def predict_images(
     """Predict every image of ``inputs`` and write its outputs under ``out_dir``.
 
     Unreadable inputs are reported through ``report`` (a callable taking one line; by default
-    a line on stderr) and listed in the returned summary; they never stop the other images.
+    a logged warning) and listed in the returned summary; they never stop the other images.
     A checkpoint that cannot be loaded is a ``CheckpointError`` before anything is written.
     """
-    from farcluss.inference import load_trained_model
-
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    report = report or (lambda line: tqdm.write(line, file=sys.stderr))
+    report = report or logger.warning
     torch_device = resolve_inference_device(device)
     model, saved_cfg, classes = load_trained_model(Path(checkpoint), model_name,
                                                    device=torch_device)
@@ -286,7 +273,7 @@ def predict_images(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "legend.txt").write_text(legend(classes) + "\n")
     total = sum(len(batch) for batch in batches)
-    with tqdm(total=total, desc="predict", unit="image", disable=not progress) as bar:
+    with Progress(total, desc="predict", every=max(1, total // 10), enabled=progress) as bar:
         for batch in batches:
             loaded: List[Tuple[ImageJob, Image.Image]] = []
             for job in batch:
@@ -308,28 +295,14 @@ def predict_images(
 
 
 # ---- command line --------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 0")
-    return value
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     summary = predict_images(args.checkpoint, args.inputs, args.out, model_name=args.model,
                              save_probs=args.probs, sliding_size=args.sliding_size,
                              batch_size=args.batch_size, device=args.device)
     print(f"wrote predictions of {len(summary.written)} image(s) to {args.out}")
     if summary.failed:
-        print(f"{len(summary.failed)} input(s) failed: "
-              + ", ".join(str(path) for path, _ in summary.failed), file=sys.stderr)
+        logger.error("%d input(s) failed: %s", len(summary.failed),
+                     ", ".join(str(path) for path, _ in summary.failed))
         return EXIT_INPUT_FAILED
     return 0
 
@@ -345,17 +318,14 @@ def register_command(subparsers: argparse._SubParsersAction) -> None:
                "and skipped, the other images are still written, and the exit code is "
                f"{EXIT_INPUT_FAILED}; the exit code is 0 when every input was predicted.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    parser.add_argument("--checkpoint", required=True, help="a run checkpoint (best.pt, last.pt)")
+    add_checkpoint_args(parser)
     parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--model", choices=["teacher", "student"], default="teacher",
-                        help="which model of the checkpoint (default teacher; a supervised run "
-                             "has only the student)")
     parser.add_argument("--probs", action="store_true", help="also write NAME_probs.npy")
-    parser.add_argument("--sliding-size", type=_non_negative_int, default=None, metavar="N",
+    parser.add_argument("--sliding-size", type=non_negative_int, default=None, metavar="N",
                         help="predict images with a side longer than N in N×N windows (stride "
                              "2/3 of N); 0 = never. Default: the checkpoint's evaluation window "
                              f"when it evaluates with sliding windows, else {DEFAULT_SLIDING_SIZE}")
-    parser.add_argument("--batch-size", type=_positive_int, default=1, metavar="B",
+    parser.add_argument("--batch-size", type=positive_int, default=1, metavar="B",
                         help="images of the same size per forward pass (default 1)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.set_defaults(func=cmd_predict)

@@ -1,4 +1,4 @@
-"""Reports of training runs: PNG plots, a prediction grid, an HTML page, and TensorBoard scalars.
+"""Reports of training runs: PNG plots, a prediction grid and an HTML page.
 
 `farcluss report RUN_DIR` reads what a run folder holds (``metrics.jsonl``, ``config.yaml``,
 ``checkpoints/best.pt``) and writes into ``RUN_DIR/report`` (or ``--out``)::
@@ -9,28 +9,33 @@
     predictions.png     validation images, ground truth and predictions
     index.html          a page showing them, with the final metrics
 
-The plotting helpers take plain Python data so that `farcluss demo` reuses them to compare
-methods. Figures are drawn with matplotlib's object API on the Agg canvas (no GUI, no global
-backend switch). :class:`TensorBoardLogger` mirrors the metric records into TensorBoard when the
-config sets ``train.tensorboard`` (the trainer calls it from its log path).
+The module draws and writes pages, nothing else: the predictions it shows come from
+`farcluss.inference`, the command line is in `farcluss.cli`, TensorBoard scalars in
+`farcluss.engine.tensorboard`. The plotting helpers take plain Python data so that
+`farcluss demo` reuses them to compare methods. Figures are drawn with matplotlib's object API
+on the Agg canvas (no GUI, no global backend switch); matplotlib is imported by the first
+figure, because every command imports this module through the CLI and training never draws.
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
 
+from farcluss.config import config_from_dict
 from farcluss.errors import CheckpointError, FarclussError
+from farcluss.inference import ValidationPredictions, checkpoint_models, predict_validation_examples
+from farcluss.log import get_logger
 from farcluss.palette import IGNORE_COLOUR, class_colours
+
+logger = get_logger(__name__)
 
 MetricRecord = Dict[str, Any]
 
@@ -248,55 +253,10 @@ def save_prediction_grid(images: Sequence[np.ndarray], ground_truth: Sequence[np
     return _save(figure, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# Predictions of a trained model on validation images
-# ---------------------------------------------------------------------------------------------
-
-
-def load_validation_examples(cfg, samples, num_classes: int, count: int):
-    """The first `count` samples as (RGB uint8 arrays, index masks, names)."""
-    from farcluss.data.io import load_image, load_mask
-
-    chosen = list(samples)[:count]
-    images = [np.asarray(load_image(s.image)) for s in chosen]
-    masks = [load_mask(s.mask, num_classes, cfg.data.ignore_index) for s in chosen]
-    return images, masks, [s.name for s in chosen]
-
-
-def predict_masks(model, cfg, images: Sequence[np.ndarray], device=None) -> List[np.ndarray]:
-    """Index masks of `model` on RGB uint8 images with the config's evaluation mode; pixels outside
-    a centre crop are `ignore_index` (not predicted)."""
-    import torch
-
-    from farcluss.data.transforms import image_to_tensor
-    from farcluss.evaluate import predict
-
-    if device is None:
-        device = next(model.parameters()).device
-    e, d = cfg.eval, cfg.data
-    masks = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for image in images:
-                batch = image_to_tensor(image, d.mean, d.std).unsqueeze(0).to(device)
-                probs, (rows, cols) = predict(model, batch, e.mode, e.crop_size or d.crop_size,
-                                              cfg.model.output_stride, e.stride_ratio)
-                full = np.full(image.shape[:2], d.ignore_index, np.int64)
-                full[rows, cols] = probs.argmax(dim=1)[0].cpu().numpy()
-                masks.append(full)
-    finally:
-        model.train(was_training)
-    return masks
-
-
-def inference_device():
-    """CUDA when available, else CPU: a report may be made on another machine than the run."""
-    from farcluss.engine.distributed import DistEnv
-    from farcluss.engine.trainer import resolve_device
-
-    return resolve_device("auto", DistEnv())
+def save_validation_predictions(examples: ValidationPredictions, path, ignore_index: int = 255) -> Path:
+    """The prediction grid of `examples` (`farcluss.inference.predict_validation_examples`)."""
+    return save_prediction_grid(examples.images, examples.masks, examples.predictions,
+                                examples.class_names, path, ignore_index, row_names=examples.names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,8 +315,6 @@ def make_report(run_dir, out_dir=None, num_images: int = 6) -> Path:
     The prediction grid needs the checkpoint and the validation data; when either is missing it
     is skipped with one line on stderr and the rest of the report is still written.
     """
-    from farcluss.config import config_from_dict
-
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -399,122 +357,13 @@ def make_report(run_dir, out_dir=None, num_images: int = 6) -> Path:
         grid = _run_prediction_grid(cfg, checkpoint, out / "predictions.png", num_images)
         blocks.append((f"Validation predictions ({checkpoint.name})", grid.name))
     except FarclussError as exc:
-        print(f"warning: prediction grid skipped: {exc}", file=sys.stderr)
+        logger.warning("prediction grid skipped: %s", exc)
     return write_html_page(out / "index.html", f"farcluss run {run_dir.name} ({cfg.method.name})", blocks)
 
 
 def _run_prediction_grid(cfg, checkpoint: Path, path: Path, num_images: int) -> Path:
-    from farcluss.data.build import build_data
-    from farcluss.engine.checkpoint import load_checkpoint
-    from farcluss.inference import load_trained_model
-
     if not checkpoint.is_file():
         raise CheckpointError(f"no checkpoint in {checkpoint.parent}")
-    data = build_data(cfg, need_train=False)
-    num_classes = len(data.classes)
-    images, masks, names = load_validation_examples(cfg, data.val, num_classes, num_images)
-    device = inference_device()
-    has_teacher = load_checkpoint(checkpoint, map_location="cpu").get("teacher") is not None
-    predictions = {}
-    for model_name in (("teacher", "student") if has_teacher else ("student",)):
-        model, _, _ = load_trained_model(checkpoint, model_name, num_classes=num_classes, device=device)
-        predictions[model_name] = predict_masks(model, cfg, images, device)
-    return save_prediction_grid(images, masks, predictions, data.classes, path,
-                                cfg.data.ignore_index, row_names=names)
-
-
-# ---------------------------------------------------------------------------------------------
-# TensorBoard
-# ---------------------------------------------------------------------------------------------
-
-
-class TensorBoardLogger:
-    """Mirror the trainer's metric records into TensorBoard scalars.
-
-    Train records become ``train/<key>`` (vector statistics ``train/<key>/<class>``), evaluation
-    records ``eval/<model>/miou``, ``eval/<model>/pixel_accuracy`` and ``eval/<model>/iou/<class>``.
-    Without the optional `tensorboard` package this prints one warning and does nothing.
-    """
-
-    def __init__(self, log_dir, class_names: Sequence[str] = (),
-                 writer_factory: Optional[Callable[[str], Any]] = None):
-        self.class_names = list(class_names)
-        self.writer = None
-        if writer_factory is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("warning: train.tensorboard is set but the tensorboard package is not installed "
-                      "(pip install tensorboard); continuing without TensorBoard logs", file=sys.stderr)
-                return
-            writer_factory = SummaryWriter
-        self.writer = writer_factory(str(log_dir))
-
-    def _name(self, index: int) -> str:
-        return self.class_names[index] if index < len(self.class_names) else str(index)
-
-    def log(self, record: Mapping[str, Any]) -> None:
-        if self.writer is None:
-            return
-        step = int(record.get("iteration", 0))
-        kind = record.get("type")
-        if kind == "train":
-            for key, value in record.items():
-                if key in ("type", "iteration"):
-                    continue
-                if _is_number(value):
-                    self.writer.add_scalar(f"train/{key}", value, step)
-                elif isinstance(value, list):
-                    for index, item in enumerate(value):
-                        if _is_number(item):
-                            self.writer.add_scalar(f"train/{key}/{self._name(index)}", item, step)
-        elif kind == "eval":
-            model = record.get("model", "model")
-            names = record.get("class_names") or self.class_names
-            for key in ("miou", "pixel_accuracy"):
-                if _is_number(record.get(key)):
-                    self.writer.add_scalar(f"eval/{model}/{key}", record[key], step)
-            for index, iou in enumerate(record.get("per_class_iou") or []):
-                if _is_number(iou):
-                    name = names[index] if index < len(names) else str(index)
-                    self.writer.add_scalar(f"eval/{model}/iou/{name}", iou, step)
-        else:
-            return
-        # records come every log_interval steps: flushing each keeps the event file current
-        # without a close hook at the end of training
-        self.writer.flush()
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text}: expected a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return value
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    page = make_report(args.run_dir, args.out, num_images=args.num_images)
-    print(f"report written to {page}")
-    return 0
-
-
-def register_command(subparsers) -> None:
-    p = subparsers.add_parser("report", help="plots and an HTML page of a run folder")
-    p.add_argument("run_dir", help="run folder (holding metrics.jsonl, config.yaml, checkpoints/)")
-    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
-    p.add_argument("--num-images", type=positive_int, default=6,
-                   help="validation images in the prediction grid")
-    p.set_defaults(func=cmd_report)
+    models = {name: (checkpoint, name) for name in checkpoint_models(checkpoint)}
+    return save_validation_predictions(predict_validation_examples(cfg, models, num_images), path,
+                                       cfg.data.ignore_index)

@@ -114,13 +114,10 @@ def test_presets(tmp_path):
     (tmp_path / "splits" / "labeled.txt").write_text("images/a.png masks/a.png\n")
     spec = resolve_preset("folder", tmp_path)
     assert spec.classes == ("bg", "fg") and spec.num_classes == 2
-    labeled = tmp_path / "splits" / "labeled.txt"
-    assert spec.splits == {"labeled": labeled, "unlabeled": None, "val": None}
 
     voc = resolve_preset("voc", tmp_path)
     assert voc.num_classes == 21 and voc.classes[0] == "background" and voc.classes == VOC_CLASSES
-    assert voc.mask_dir == "SegmentationClass"
-    assert resolve_preset("voc_blended", tmp_path).mask_dir == "SegmentationClassAug"
+    assert resolve_preset("voc_blended", tmp_path).classes == VOC_CLASSES
     cityscapes = resolve_preset("cityscapes", tmp_path)
     assert cityscapes.num_classes == 19 and cityscapes.classes == CITYSCAPES_CLASSES
     assert cityscapes.classes[13] == "car"

@@ -68,7 +68,7 @@ def test_weights_normalisation_is_invariant_to_scaling_the_weights():
     small = weighted_unsup_loss(per_pixel, 0.01 * pixel_weights, None, valid, normalize="weights")
     large = weighted_unsup_loss(per_pixel, pixel_weights, None, valid, normalize="weights")
     assert torch.isclose(small, large, rtol=1e-5)
-    # the METHOD.md reading shrinks with the weights
+    # the docs/method.md reading shrinks with the weights
     shrunk = weighted_unsup_loss(per_pixel, 0.01 * pixel_weights, None, valid)
     assert torch.isclose(shrunk, 0.01 * weighted_unsup_loss(per_pixel, pixel_weights, None, valid))
 

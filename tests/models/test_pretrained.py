@@ -61,11 +61,12 @@ def test_wrapped_and_module_prefixed_state_loads_into_deeplab(tmp_path):
         assert torch.equal(model.state_dict()[key], value)
 
 
-def test_build_model_loads_pretrained_file(tmp_path):
+def test_a_built_model_loads_a_pretrained_file(tmp_path):
     source = tiny_backbone(seed=1)
     path = tmp_path / "weights.pth"
     torch.save({"model": {"backbone." + k: v for k, v in source.state_dict().items()}}, path)
-    model = build_model(3, backbone="resnet18", base_width=8, pretrained=str(path))
+    model = build_model(3, backbone="resnet18", base_width=8)
+    load_pretrained(model, str(path))
     assert_same_weights(model.backbone, source)
 
 

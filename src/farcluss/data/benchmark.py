@@ -43,9 +43,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm import tqdm
 
 from farcluss.errors import ConfigError, DataError
+from farcluss.log import Progress
 
 # Bump whenever the rendered pixels, the split selection or the file layout change: a cached
 # benchmark written by another version is then regenerated instead of silently reused.
@@ -570,9 +570,8 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
     classes_per_image: List[np.ndarray] = []
 
     jobs = [("train", _TRAIN_STREAM, i) for i in range(num_train)] + [("val", _VAL_STREAM, i) for i in range(num_val)]
-    for name, (split, stream, index) in tqdm(
-        zip(names, jobs), total=len(jobs), desc="benchmark", unit="img", disable=not progress
-    ):
+    bar = Progress(len(jobs), desc="benchmark", every=max(1, len(jobs) // 10), enabled=progress)
+    for name, (split, stream, index) in zip(names, jobs):
         image, mask = _render_sample(seed, stream, index, size_range)
         Image.fromarray(image, mode="RGB").save(folder / "images" / name)
         Image.fromarray(mask, mode="L").save(folder / "masks" / name)
@@ -581,6 +580,8 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
         image_counts[split] += per_class > 0
         if split == "train":
             classes_per_image.append(per_class > 0)
+        bar.update(1)
+    bar.close()
 
     split_rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_STREAM]))
     labeled_count = _labeled_count(num_train, parameters["labeled_fraction"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -11,11 +10,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from farcluss.config import Config
+from farcluss.data.benchmark import benchmark_is_complete, default_benchmark_dir, make_benchmark
 from farcluss.data.datasets import SegmentationDataset, read_classes, resolve_preset
 from farcluss.data.sampler import EvalSampler
 from farcluss.data.splits import Sample, duplicates_between, read_split
 from farcluss.data.transforms import EvalTransform
 from farcluss.errors import ConfigError
+from farcluss.log import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -35,11 +38,9 @@ def dataset_root(cfg: Config) -> Path:
     if not cfg.data.root:
         raise ConfigError("config key 'data.root' is empty: set it to the dataset folder")
     if cfg.data.root == BUILTIN_BENCHMARK:
-        from farcluss.data.benchmark import benchmark_is_complete, default_benchmark_dir, make_benchmark
-
         path = default_benchmark_dir()
         if not benchmark_is_complete(path):
-            print(f"making the built-in benchmark dataset in {path} (once)")
+            logger.info("making the built-in benchmark dataset in %s (once)", path)
             make_benchmark(path)
         return path
     return Path(cfg.data.root).expanduser()
@@ -77,8 +78,8 @@ def build_data(cfg: Config, need_unlabeled: Optional[bool] = None, need_train: b
     if labeled and unlabeled:
         duplicated = duplicates_between(labeled, unlabeled)
         if duplicated:
-            warnings.warn(f"{len(duplicated)} image(s) are in both {d.labeled} and {d.unlabeled}, "
-                          f"e.g. {duplicated[0]}", stacklevel=2)
+            logger.warning("%d image(s) are in both %s and %s, e.g. %s", len(duplicated),
+                           d.labeled, d.unlabeled, duplicated[0])
     return DataBundle(root, classes, labeled, unlabeled, val)
 
 

@@ -11,10 +11,10 @@ from typing import Union
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from farcluss.data.io import open_decoded
 from farcluss.errors import DataError
+from farcluss.log import Progress
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -56,14 +56,16 @@ def convert_cityscapes(root: Union[str, Path], progress: bool = True) -> int:
     if not label_files:
         raise DataError(f"no *_labelIds.png files under {gt_dir}")
     suffix = "_labelIds.png"
-    bar = tqdm(label_files, desc="labelIds -> labelTrainIds", unit="file", disable=not progress)
-    for label_file in bar:
-        label_image = open_decoded(label_file, "label image")
-        if len(label_image.getbands()) != 1:
-            raise DataError(
-                f"label image {label_file} has mode {label_image.mode}; expected label ids (L)"
-            )
-        train_ids = label_ids_to_train_ids(np.asarray(label_image))
-        target = label_file.with_name(label_file.name[: -len(suffix)] + "_labelTrainIds.png")
-        Image.fromarray(train_ids).save(target)
+    with Progress(len(label_files), desc="labelIds -> labelTrainIds",
+                  every=max(1, len(label_files) // 10), enabled=progress) as bar:
+        for label_file in label_files:
+            label_image = open_decoded(label_file, "label image")
+            if len(label_image.getbands()) != 1:
+                raise DataError(
+                    f"label image {label_file} has mode {label_image.mode}; expected label ids (L)"
+                )
+            train_ids = label_ids_to_train_ids(np.asarray(label_image))
+            target = label_file.with_name(label_file.name[: -len(suffix)] + "_labelTrainIds.png")
+            Image.fromarray(train_ids).save(target)
+            bar.update(1)
     return len(label_files)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from farcluss.data.cityscapes import CITYSCAPES_CLASSES
 from farcluss.data.io import check_same_size, load_image, load_mask
-from farcluss.data.splits import SPLIT_NAMES, Sample
+from farcluss.data.splits import Sample
 from farcluss.data.transforms import EvalTransform, WeakAugment
 from farcluss.errors import ConfigError, DataError
 
@@ -125,18 +125,10 @@ def read_classes(
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What a preset knows: class names, where masks live, and default split lists.
-
-    ``splits`` maps ``labeled``/``unlabeled``/``val`` to a list file, or ``None`` where the
-    user must provide one (VOC and Cityscapes splits are the UniMatch lists).
-    """
+    """What a preset knows: its class names (masks and splits come from the split lists)."""
 
     name: str
-    root: Path
     classes: Tuple[str, ...]
-    mask_dir: str
-    splits: Dict[str, Optional[Path]] = field(default_factory=dict)
-    ignore_index: int = 255
 
     @property
     def num_classes(self) -> int:
@@ -149,8 +141,7 @@ PRESETS = ("folder", "voc", "voc_blended", "cityscapes")
 def resolve_preset(name: str, root: Union[str, Path]) -> DatasetSpec:
     """The :class:`DatasetSpec` of preset ``name`` for the dataset at ``root``.
 
-    - ``folder``: ``root/images``, ``root/masks``, ``root/classes.txt``; default splits
-      ``root/splits/{labeled,unlabeled,val}.txt`` where they exist;
+    - ``folder``: the classes of ``root/classes.txt``;
     - ``voc`` (classic, masks in ``SegmentationClass``) and ``voc_blended`` (SBD-augmented
       masks in ``SegmentationClassAug``): the 21 VOC classes;
     - ``cityscapes``: the 19 train-id classes, masks ``gtFine/**/*_labelTrainIds.png``
@@ -161,14 +152,8 @@ def resolve_preset(name: str, root: Union[str, Path]) -> DatasetSpec:
         raise ConfigError(f"unknown dataset preset {name!r} (choose from {', '.join(PRESETS)})")
     if not root.is_dir():
         raise DataError(f"dataset root {root} not found")
-    no_splits: Dict[str, Optional[Path]] = {split: None for split in SPLIT_NAMES}
     if name == "folder":
-        classes = read_classes(root / "classes.txt")
-        splits = {split: root / "splits" / f"{split}.txt" for split in SPLIT_NAMES}
-        splits = {split: path if path.is_file() else None for split, path in splits.items()}
-        return DatasetSpec(name, root, tuple(classes), "masks", splits)
-    if name == "voc":
-        return DatasetSpec(name, root, VOC_CLASSES, "SegmentationClass", no_splits)
-    if name == "voc_blended":
-        return DatasetSpec(name, root, VOC_CLASSES, "SegmentationClassAug", no_splits)
-    return DatasetSpec(name, root, CITYSCAPES_CLASSES, "gtFine", no_splits)
+        return DatasetSpec(name, tuple(read_classes(root / "classes.txt")))
+    if name in ("voc", "voc_blended"):
+        return DatasetSpec(name, VOC_CLASSES)
+    return DatasetSpec(name, CITYSCAPES_CLASSES)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from farcluss.errors import CheckpointError
+from farcluss.errors import CheckpointError, one_line
 
 #: called with the temporary file's path after the bytes are handed to the file object and
 #: before they are flushed: tests set it to pause (and be killed) in the middle of a write
@@ -42,11 +42,6 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
 
 
 def save_atomic(obj: Any, path: Union[str, Path]) -> None:
@@ -73,7 +68,7 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> None:
             raise
     except OSError as error:
         raise CheckpointError(f"cannot write checkpoint {path}: "
-                              f"{error.strerror or _one_line(error)}") from None
+                              f"{error.strerror or one_line(error)}") from None
     _fsync_dir(path.parent)
 
 
@@ -116,7 +111,7 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
         if "Weights only load failed" in message:
             raise CheckpointError(f"refusing to load {path}: not a plain tensor checkpoint "
                                   f"({_refusal_reason(message)})") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(error)}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {one_line(error)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
         # a truncated zip, a text file, an I/O error: torch's first line says which
         text = str(error).strip()

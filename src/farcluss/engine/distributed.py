@@ -87,10 +87,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Σ_r tensor_r over ranks, as a new tensor; the identity without a process group.
 
@@ -128,15 +124,6 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
         return _sum_over_ranks(grad_output)
-
-
-def all_ranks_agree(flag: bool, device: torch.device) -> bool:
-    """True when `flag` holds on every rank (a decision all ranks must take together)."""
-    if world_size() == 1:
-        return flag
-    votes = torch.tensor([0.0 if flag else 1.0], device=device)
-    dist.all_reduce(votes, op=dist.ReduceOp.SUM, group=_stats_group)
-    return bool(votes.item() == 0.0)
 
 
 def barrier() -> None:

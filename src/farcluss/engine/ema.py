@@ -1,4 +1,4 @@
-"""The mean teacher: an exponential moving average of the student (METHOD.md §0)."""
+"""The mean teacher: an exponential moving average of the student (docs/method.md §0)."""
 
 from __future__ import annotations
 

@@ -298,7 +298,7 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
         if self.cfg.train.tensorboard:
             if self._tensorboard is None:
-                from farcluss.report import TensorBoardLogger
+                from farcluss.engine.tensorboard import TensorBoardLogger
 
                 self._tensorboard = TensorBoardLogger(self.paths.root / "tensorboard", self.data.classes)
             self._tensorboard.log(record)

@@ -1,4 +1,4 @@
-"""Loss functions of FARCLUSS and its baselines: pure functions of tensors (METHOD.md §0–§4)."""
+"""Loss functions of FARCLUSS and its baselines: pure functions of tensors (docs/method.md §0–§4)."""
 
 from farcluss.losses.ce import cross_entropy, ohem_cross_entropy
 from farcluss.losses.contrastive import (

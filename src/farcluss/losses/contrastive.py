@@ -1,4 +1,4 @@
-"""Prototype (class-centroid) contrastive regularisation (METHOD.md §4).
+"""Prototype (class-centroid) contrastive regularisation (docs/method.md §4).
 
 Memory is O(C·D): one prototype per class from the current batch, plus an EMA bank of C
 prototypes that stands in for classes absent from the batch. No pixel memory bank.

@@ -1,4 +1,4 @@
-"""Fuzzy top-K pseudo-labels and the soft cross-entropy that trains on them (METHOD.md §1)."""
+"""Fuzzy top-K pseudo-labels and the soft cross-entropy that trains on them (docs/method.md §1)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def soft_cross_entropy(
 
         ℓ(x) = − Σ_c w_c · q_c(x) · log softmax(s(x))_c         (w_c = 1 without weights)
 
-    The "inside" rebalancing variant of METHOD.md §3 passes `class_weights` here; the default
+    The "inside" rebalancing variant of docs/method.md §3 passes `class_weights` here; the default
     variant weights the whole pixel loss afterwards (see `weighted_unsup_loss`).
 
     Args:

@@ -1,4 +1,4 @@
-"""Adaptive class rebalancing from pseudo-label frequencies (METHOD.md §3)."""
+"""Adaptive class rebalancing from pseudo-label frequencies (docs/method.md §3)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def class_weights(
     """Inverse-frequency class weights normalised to mean 1 over the present classes.
 
         w_c = (N / (C_b · n_c))^α          for n_c > 0   (N = Σ n_c, C_b = #{c : n_c > 0})
-        w_c ← w_c / mean_{n_c' > 0} w_c'                       (normalize="classes", METHOD.md)
+        w_c ← w_c / mean_{n_c' > 0} w_c'                       (normalize="classes", docs/method.md)
         w_c ← w_c / (Σ_c' n_c' w_c' / N)                       (normalize="pixels")
         w_c ← clip(w_c, lo, hi)
         w_c = 1                            for n_c = 0

@@ -1,4 +1,4 @@
-"""Reduction of the per-pixel unsupervised loss to a scalar (METHOD.md §3)."""
+"""Reduction of the per-pixel unsupervised loss to a scalar (docs/method.md §3)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def weighted_unsup_loss(
 ) -> torch.Tensor:
     """Weighted sum of the per-pixel losses, over the valid pixels or over the weights.
 
-        valid   (METHOD.md):  L_unsup = Σ_{x∈V} u(x) · w(x) · ℓ(x) / |V|
+        valid   (docs/method.md):  L_unsup = Σ_{x∈V} u(x) · w(x) · ℓ(x) / |V|
         weights (variant):    L_unsup = Σ_{x∈V} u(x) · w(x) · ℓ(x) / Σ_{x∈V} u(x) · w(x)
 
     V = valid (non-ignored) pixels. With ``valid`` a FixMatch confidence gate folded into u(x)

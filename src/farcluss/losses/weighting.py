@@ -1,4 +1,4 @@
-"""Per-pixel weights of the unsupervised loss: teacher uncertainty (METHOD.md §2) and the
+"""Per-pixel weights of the unsupervised loss: teacher uncertainty (docs/method.md §2) and the
 FixMatch confidence threshold kept for ablations."""
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ OUTPUT_STRIDES = (8, 16, 32)
 
 def build_model(num_classes: int, backbone: str = "resnet50", output_stride: int = 16,
                 deep_stem: bool = False, base_width: int = 64, projection_dim: int = 0,
-                pretrained: Optional[str] = None, *, stem_width: Optional[int] = None,
+                *, stem_width: Optional[int] = None,
                 projection_hidden: int = 256, dropout: float = 0.1) -> DeepLabV3Plus:
-    """Build a DeepLabV3+ and, when ``pretrained`` is a file, URL or registry name, load its
-    backbone weights (strictly; see :func:`load_pretrained`)."""
+    """Build a DeepLabV3+ with random weights; the trainer loads ``model.pretrained`` backbone
+    weights afterwards (strictly; see :func:`load_pretrained`)."""
     if backbone not in BACKBONE_DEPTHS:
         raise ConfigError(f"model.backbone: unknown backbone {backbone!r}; choose one of "
                           f"{', '.join(BACKBONE_DEPTHS)}")
@@ -33,6 +33,4 @@ def build_model(num_classes: int, backbone: str = "resnet50", output_stride: int
                           deep_stem=deep_stem, base_width=base_width, stem_width=stem_width,
                           projection_dim=projection_dim, projection_hidden=projection_hidden,
                           dropout=dropout)
-    if pretrained:
-        load_pretrained(model, pretrained)
     return model

@@ -29,7 +29,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, one_line
 from .resnet import ResNet
 
 logger = logging.getLogger(__name__)
@@ -193,14 +193,9 @@ def _download(url: str, sha256: Optional[str]) -> str:
         # writes to a temporary file and moves it into place only after the hash check
         torch.hub.download_url_to_file(url, path, hash_prefix=sha256, progress=True)
     except Exception as error:  # network, HTTP, disk and hash errors all end the same way
-        raise CheckpointError(f"download failed: {_one_line(error)}; "
+        raise CheckpointError(f"download failed: {one_line(error)}; "
                               f"pass a local file with model.pretrained=PATH") from error
     return path
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
 
 
 def _read_tensor_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -213,9 +208,9 @@ def _read_tensor_dict(path: str) -> Dict[str, torch.Tensor]:
             reason = found.group(1).strip() if found else "it contains non-tensor objects"
             raise CheckpointError(f"refusing to load {path}: it is not a plain tensor checkpoint "
                                   f"({reason})") from None
-        raise CheckpointError(f"cannot read {path}: {_one_line(error)}") from None
+        raise CheckpointError(f"cannot read {path}: {one_line(error)}") from None
     except Exception as error:  # truncated zip, not a torch file, I/O error
-        raise CheckpointError(f"cannot read {path}: {_one_line(error)}") from error
+        raise CheckpointError(f"cannot read {path}: {one_line(error)}") from error
 
     unwrapped = True
     while unwrapped and isinstance(checkpoint, dict):
