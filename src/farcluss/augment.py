@@ -1,6 +1,6 @@
 """Batched strong augmentation on the training device: colour jitter, grayscale, blur, CutMix.
 
-The strong view of FARCLUSS (METHOD.md §0) is the weak view plus photometric noise and CutMix.
+The strong view of FARCLUSS (docs/method.md §0) is the weak view plus photometric noise and CutMix.
 It runs on whole batches where the model runs, instead of in the data workers, so the teacher's
 weak view and the student's strong view come from the same crop without a second decode.
 

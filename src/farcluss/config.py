@@ -217,7 +217,7 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = "stop"
     #: also write TensorBoard scalars (needs the tensorboard package)
     tensorboard: bool = False
-    #: show a progress bar
+    #: show progress: a bar when stderr is a terminal, else a line every train.log_interval iterations
     progress: bool = True
 
 

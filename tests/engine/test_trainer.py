@@ -4,6 +4,8 @@ when a run resumes."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import re
 from pathlib import Path
 
@@ -204,3 +206,16 @@ def test_deterministic_mode_turns_on_deterministic_algorithms(tmp_path):
         assert not torch.backends.cudnn.benchmark
     finally:
         torch.use_deterministic_algorithms(was_on)
+
+
+def test_a_training_run_whose_output_is_a_file_writes_no_progress_frames(tmp_path):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2)
+    argv = [sys.executable, "-m", "farcluss", "train", "--out", str(tmp_path / "run")]
+    for override in tiny_overrides(root, "farcluss", 6) + ["train.progress=true",
+                                                           "train.log_interval=2"]:
+        argv += ["--set", override]
+    with open(tmp_path / "train.log", "w") as handle:
+        done = subprocess.run(argv, stdout=handle, stderr=subprocess.STDOUT, timeout=300)
+    text = (tmp_path / "train.log").read_bytes().decode()  # bytes: read_text turns \r into \n
+    assert done.returncode == 0, text
+    assert "\r" not in text and "farcluss: 6/6 (100%)" in text

@@ -30,8 +30,10 @@ from farcluss.data.transforms import WeakAugment
 from farcluss.engine import checkpoint as ckpt
 from farcluss.engine.distributed import DistEnv, all_reduce_sum, barrier, report_failure
 from farcluss.engine.optim import build_optimizer, set_poly_lr
+from farcluss.engine.tensorboard import TensorBoardLogger
 from farcluss.errors import CheckpointError, ConfigError, FarclussError
 from farcluss.evaluate import evaluate
+from farcluss.log import Progress
 from farcluss.methods import build_method
 from farcluss.methods.base import Batch, LossOutput
 from farcluss.models.pretrained import load_pretrained
@@ -213,7 +215,7 @@ class Trainer:
         self.best_miou = -1.0
         self.best_iteration = -1
         self.resumed_from: Optional[int] = None
-        self._tensorboard = None  # farcluss.report.TensorBoardLogger, opened by the first _log
+        self._tensorboard: Optional[TensorBoardLogger] = None  # opened by the first _log
         self._resume(resume)
 
     # ---- run folder ---------------------------------------------------------------------------
@@ -298,8 +300,6 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
         if self.cfg.train.tensorboard:
             if self._tensorboard is None:
-                from farcluss.engine.tensorboard import TensorBoardLogger
-
                 self._tensorboard = TensorBoardLogger(self.paths.root / "tensorboard", self.data.classes)
             self._tensorboard.log(record)
 
@@ -526,12 +526,8 @@ class Trainer:
         labeled_iter = self._loader(labeled_set, t.batch_size, stream=0)
         unlabeled_iter = (self._loader(unlabeled_set, self._unlabeled_batch_size(), stream=1)
                           if unlabeled_set is not None else None)
-        progress = None
-        if self.env.is_main and t.progress:
-            from tqdm import tqdm
-
-            progress = tqdm(total=t.iterations, initial=self.iteration, desc=self.method.name,
-                            dynamic_ncols=True, leave=False)
+        progress = Progress(t.iterations, initial=self.iteration, desc=self.method.name,
+                            every=t.log_interval, enabled=self.env.is_main and t.progress)
         window_start = time.perf_counter()
         data_wait = 0.0
         window_iters = 0
@@ -544,8 +540,7 @@ class Trainer:
             data_wait += time.perf_counter() - fetch_start
             output = self.train_step(batch)
             window_iters += 1
-            if progress is not None:
-                progress.update(1)
+            postfix = None
             if self.iteration % t.log_interval == 0 or self.iteration == t.iterations:
                 elapsed = time.perf_counter() - window_start
                 record = {"type": "train", "iteration": self.iteration,
@@ -558,9 +553,9 @@ class Trainer:
                 for name, value in output.stats.items():
                     record[name] = _to_loggable(value)
                 self._log(record)
-                if progress is not None:
-                    progress.set_postfix(loss=record.get("loss"), refresh=False)
+                postfix = {"loss": record.get("loss")}
                 window_start, data_wait, window_iters = time.perf_counter(), 0.0, 0
+            progress.update(1, postfix=postfix)
             if self.iteration % t.eval_interval == 0 or self.iteration == t.iterations:
                 last_results = self.evaluate_models()
                 main_name = "teacher" if self.teacher is not None else "student"
@@ -572,8 +567,7 @@ class Trainer:
             if self.iteration % t.checkpoint_interval == 0 or self.iteration == t.iterations:
                 self._save_last()
                 barrier()
-        if progress is not None:
-            progress.close()
+        progress.close()
         if not last_results:
             last_results = self.evaluate_models()
         return {"iteration": self.iteration, "best_miou": self.best_miou,

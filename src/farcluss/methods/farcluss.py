@@ -1,4 +1,4 @@
-"""FARCLUSS (METHOD.md): a mean teacher whose unlabeled loss keeps uncertain pixels as signal.
+"""FARCLUSS (docs/method.md): a mean teacher whose unlabeled loss keeps uncertain pixels as signal.
 
     L = L_sup + λ_u · r(t) · L_unsup + λ_c · L_con
     L_unsup = Σ_x u(x) · w_{argmax q(x)} · ℓ(x) / #valid      (method.unsup_normalize=valid)
