@@ -45,14 +45,14 @@ def _snapshot(folder: Path) -> dict:
 def corrupt_image(root: Path) -> str:
     path = root / "images" / "001.png"
     path.write_bytes(b"this is not a PNG file")
-    return f"image {path} is corrupt or truncated"
+    return f"image {path} is not an image (a text file)"
 
 
 def truncated_png(root: Path) -> str:
     path = root / "images" / "002.png"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    return f"image {path} is corrupt or truncated"
+    return f"image {path} is truncated"
 
 
 def mask_of_another_size(root: Path) -> str:
@@ -236,7 +236,7 @@ def test_a_bad_file_read_in_a_dataloader_worker_is_the_same_one_line(tmp_path, c
 def test_debug_shows_the_traceback(tmp_path):
     root = _dataset(tmp_path)
     corrupt_image(root)
-    with pytest.raises(DataError, match="is corrupt or truncated"):
+    with pytest.raises(DataError, match="is not an image"):
         cli.main(["--debug", *_train_argv(root, tmp_path / "run", [])])
 
 

@@ -44,12 +44,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     env = env_from_environment()
     out = Path(args.out) if args.out else _default_out(cfg, args.config)
-    init_distributed(env, resolve_device(cfg.train.device, env))
+    init_distributed(env, resolve_device(cfg.train.device, env), timeout_s=cfg.train.dist_timeout)
     try:
         trainer = Trainer(cfg, out, env=env, resume=True if args.resume else (False if args.no_resume else None))
         summary = trainer.fit()
     finally:
         cleanup()
+    if summary.get("stopped_by") is not None:
+        from farcluss.engine.signals import exit_status, print_stop, resume_command, stop_message
+
+        if env.is_main:
+            print_stop(stop_message(summary["iteration"], cfg.train.iterations, summary["stopped_by"],
+                                    summary["checkpoint"],
+                                    resume_command(args.config, args.overrides, out, env.distributed)))
+        return exit_status(summary["stopped_by"])
     if env.is_main:
         final = summary["final"]
         for name, metrics in final.items():

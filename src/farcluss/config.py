@@ -166,6 +166,10 @@ class AugmentConfig:
     cutmix_aspect: Tuple[float, float] = (0.3, 3.3)
 
 
+#: the signals `train.stop_signals` may name (farcluss.engine.signals handles them)
+STOP_SIGNAL_NAMES = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
+
+
 @dataclass
 class TrainConfig:
     #: training iterations (the poly schedule ends here)
@@ -219,6 +223,13 @@ class TrainConfig:
     tensorboard: bool = False
     #: show progress: a bar when stderr is a terminal, else a line every train.log_interval iterations
     progress: bool = True
+    #: signals that stop the run after the current iteration, with last.pt saved and exit
+    #: status 128 + signal number (143 for SIGTERM); any of SIGTERM, SIGINT, SIGUSR1, SIGUSR2,
+    #: SIGHUP, SIGQUIT; [] keeps the default actions (docs/distributed.md)
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    #: seconds a collective waits for the other ranks before the run fails (a rank that died
+    #: or hangs); under DDP only
+    dist_timeout: float = 1800.0
 
 
 @dataclass
@@ -432,11 +443,15 @@ def _read_yaml_chain(path: Path, seen: Optional[set] = None) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not a text file (a YAML config is UTF-8 text)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"config {path}{where} is not valid YAML") from None
+    except RecursionError:
+        raise ConfigError(f"config {path} is not valid YAML (nested too deeply)") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config {path} must be a mapping of sections")
     base_name = tree.pop("_base_", None)
@@ -536,6 +551,10 @@ def validate(cfg: Config) -> None:
     _require(t.log_interval > 0, "train.log_interval", "must be positive")
     _require(t.checkpoint_interval > 0, "train.checkpoint_interval", "must be positive")
     _require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
+    _require(t.dist_timeout > 0, "train.dist_timeout", "must be positive (seconds)")
+    for name in t.stop_signals:
+        _require(name in STOP_SIGNAL_NAMES, "train.stop_signals",
+                 f"lists {name!r}; choose from {', '.join(STOP_SIGNAL_NAMES)}")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
              "train.device", "must be auto, cpu, cuda or cuda:N")
     if e.crop_size is not None:

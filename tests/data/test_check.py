@@ -30,7 +30,7 @@ def test_check_collects_one_line_per_problem(tmp_path):
     problems = check_samples(samples, num_classes=3, ignore_index=255, require_mask=True)
     assert len(problems) == 6
     assert all("\n" not in problem for problem in problems)
-    assert "cut.png is corrupt or truncated" in problems[0]
+    assert "cut.png is truncated or corrupt" in problems[0]
     assert "absent.png not found" in problems[1]
     assert "rgb_mask.png has mode RGB" in problems[2]
     assert "mask size 9x6 != image size 8x6" in problems[3]

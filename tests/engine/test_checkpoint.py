@@ -87,8 +87,8 @@ def test_unreadable_checkpoints_are_one_line_errors(tmp_path):
     torch.save(torch.ones(2), tensor)
 
     for path, message in [(tmp_path / "missing.pt", "checkpoint not found"),
-                          (truncated, "cannot read checkpoint"),
-                          (text, "cannot read checkpoint"),
+                          (truncated, "is truncated"),
+                          (text, "is a text file, not a farcluss checkpoint"),
                           (tensor, "holds a Tensor, not a dict")]:
         with pytest.raises(CheckpointError) as info:
             ckpt.load_checkpoint(path)

@@ -91,7 +91,7 @@ def test_no_resume_starts_afresh_and_sets_the_old_log_aside(tmp_path):
     (run / "checkpoints" / "last.pt").write_text("garbage")
     old_log = '{"type": "train", "iteration": 7, "loss": 0.5}\n'
     (run / "metrics.jsonl").write_text(old_log)
-    with pytest.raises(CheckpointError, match=r"(cannot read checkpoint|refusing to load) .*last\.pt"):
+    with pytest.raises(CheckpointError, match=r"checkpoint .*last\.pt is a text file, not a farcluss checkpoint"):
         Trainer(cfg, run)  # the default resumes whenever last.pt exists
 
     trainer = Trainer(cfg, run, resume=False)

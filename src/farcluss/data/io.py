@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from farcluss import file_kind
 from farcluss.errors import DataError
 
 PathLike = Union[str, Path]
@@ -21,8 +22,36 @@ PathLike = Union[str, Path]
 INDEX_MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
+def _unreadable(path: Path, what: str, error: BaseException) -> DataError:
+    """What is wrong with an image file PIL could not decode, in plain words."""
+    reason = " ".join((str(error).splitlines() or [""])[0].split()) or type(error).__name__
+    try:
+        head = file_kind.read_head(path)
+    except OSError:
+        head = b"?"
+    if not head:
+        return DataError(f"{what} {path} is empty (0 bytes)")
+    if isinstance(error, UnidentifiedImageError):
+        kind = file_kind.describe(head)
+        if kind is not None and kind.endswith(" image"):
+            return DataError(f"{what} {path} is truncated or corrupt ({kind} whose header "
+                             "cannot be read)")
+        return DataError(f"{what} {path} is not an image" + (f" ({kind})" if kind else
+                                                              " (unrecognised content)"))
+    if isinstance(error, EOFError) or "truncated" in reason.lower():
+        detail = "" if "truncated" in reason.lower() else f" ({reason})"
+        return DataError(f"{what} {path} is truncated{detail}")
+    if isinstance(error, Image.DecompressionBombError):
+        return DataError(f"{what} {path} is too large to decode ({reason})")
+    return DataError(f"{what} {path} is corrupt ({reason[:200]})")
+
+
 def open_decoded(path: PathLike, what: str = "image") -> Image.Image:
-    """Open ``path`` and decode every pixel; ``what`` names the file's role in errors."""
+    """Open ``path`` and decode every pixel; ``what`` names the file's role in errors.
+
+    Whatever PIL raises on a damaged file (OSError, SyntaxError, struct.error, …) becomes one
+    :class:`DataError` saying what is wrong: empty, truncated, not an image, corrupt.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} {path} not found")
@@ -30,16 +59,24 @@ def open_decoded(path: PathLike, what: str = "image") -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return image
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        # PIL reports truncated PNGs as OSError, broken chunks as SyntaxError.
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"{what} {path} is corrupt or truncated: {reason}") from error
+    except MemoryError:
+        raise DataError(f"{what} {path} is corrupt (it asks for more memory than there is)") from None
+    except Exception as error:  # noqa: BLE001 - a damaged file makes PIL raise nearly anything
+        if isinstance(error, OSError) and error.errno is not None:
+            raise DataError(f"cannot read {what} {path}: {error.strerror or error}") from None
+        raise _unreadable(path, what, error) from None
 
 
 def load_image(path: PathLike) -> Image.Image:
     """Load an image as 8-bit RGB (palette, grey and RGBA images are converted)."""
     image = open_decoded(path, "image")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as error:  # a mode PIL cannot convert (e.g. some 16-bit ones)
+        raise DataError(f"image {path} has mode {image.mode}, which cannot be read as RGB "
+                        f"({error})") from None
 
 
 def mask_dtype(num_classes: int, ignore_index: int) -> np.dtype:

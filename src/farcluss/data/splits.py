@@ -19,6 +19,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
+from farcluss import file_kind
 from farcluss.errors import ConfigError, DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -40,6 +41,24 @@ class Sample:
         return self.image.stem
 
 
+def _split_lines(path: Path) -> List[str]:
+    """The lines of a split list; DataError when the file is not UTF-8 text (an image, …)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read split file {path}: {error.strerror or error}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        kind = file_kind.describe(raw[:file_kind.HEAD_BYTES])
+        raise DataError(f"split file {path} is not a text file"
+                        + (f" ({kind})" if kind else " (binary content)")
+                        + "; expected lines of 'image [mask]'")
+    return text.split("\n")
+
+
 def read_split(path: PathLike, root: PathLike, require_mask: bool) -> List[Sample]:
     """Parse a UniMatch split list into samples whose paths are joined to ``root``.
 
@@ -51,24 +70,23 @@ def read_split(path: PathLike, root: PathLike, require_mask: bool) -> List[Sampl
     if not path.is_file():
         raise DataError(f"split file {path} not found")
     samples: List[Sample] = []
-    with open(path, encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            fields = line.split("#", 1)[0].split()
-            if not fields:
-                continue
-            if len(fields) > 2:
-                raise DataError(
-                    f"{path}:{line_number}: expected 'image [mask]', got {len(fields)} fields "
-                    "(paths with spaces are not supported)"
-                )
-            if require_mask and len(fields) < 2:
-                raise DataError(
-                    f"{path}:{line_number}: labeled line has no mask path (expected 'image mask')"
-                )
-            # Joining an absolute path to the root yields the absolute path unchanged.
-            image = root / fields[0]
-            mask = root / fields[1] if len(fields) == 2 else None
-            samples.append(Sample(image=image, mask=mask))
+    for line_number, line in enumerate(_split_lines(path), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) > 2:
+            raise DataError(
+                f"{path}:{line_number}: expected 'image [mask]', got {len(fields)} fields "
+                "(paths with spaces are not supported)"
+            )
+        if require_mask and len(fields) < 2:
+            raise DataError(
+                f"{path}:{line_number}: labeled line has no mask path (expected 'image mask')"
+            )
+        # Joining an absolute path to the root yields the absolute path unchanged.
+        image = root / fields[0]
+        mask = root / fields[1] if len(fields) == 2 else None
+        samples.append(Sample(image=image, mask=mask))
     if not samples:
         raise DataError(f"split file {path} lists no samples")
     return samples

@@ -9,18 +9,23 @@ needs arbitrary code to unpickle is refused with a :class:`CheckpointError`.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
 import re
 import secrets
+import struct
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
 
+from farcluss import file_kind
 from farcluss.errors import CheckpointError, one_line
 
 #: called with the temporary file's path after the bytes are handed to the file object and
@@ -44,22 +49,110 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _RecordingWriter:
+    """A binary file that remembers the OSError of a failed write.
+
+    torch.save reports a failing write as a RuntimeError without the cause ("unexpected pos
+    704 vs 598"); the recorded error gives the user the real one (No space left on device).
+    """
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.handle.flush()
+        except OSError as error:
+            self.error = error
+            raise
+
+
+def _write_error(path: Path, error: OSError, what: str = "") -> "CheckpointError":
+    code = errno.errorcode.get(error.errno or 0)
+    reason = error.strerror or one_line(error)
+    return CheckpointError(f"cannot write {what + ' ' if what else ''}{path}: {reason}"
+                           + (f" ({code})" if code else ""))
+
+
 def save_atomic(obj: Any, path: Union[str, Path]) -> None:
     """`torch.save` `obj` to `path` so that `path` is always a complete file.
 
-    Raises :class:`CheckpointError` (naming `path`) when the folder cannot be written.
+    Raises :class:`CheckpointError` naming `path` and the OS error (a full disk, an I/O error,
+    no permission) when the file cannot be written; the old file is then untouched and the
+    temporary file removed.
     """
     path = Path(path)
     tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TEMPORARY_SUFFIX}")
+    writer: Optional[_RecordingWriter] = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # 0o666 under the umask: the same permissions as any file the user writes
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as handle:
-                torch.save(obj, handle)
+                writer = _RecordingWriter(handle)
+                torch.save(obj, writer)
                 if _write_hook is not None:
                     _write_hook(tmp_path)
+                writer.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_path, path)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+    except OSError as error:
+        raise _write_error(path, error, "checkpoint") from None
+    except RuntimeError:
+        if writer is not None and writer.error is not None:
+            raise _write_error(path, writer.error, "checkpoint") from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def append_line(path: Union[str, Path], line: str) -> None:
+    """Append one line to a log file; on failure the file is cut back to its previous end.
+
+    A half-written record would otherwise stay behind a full disk; the error names the file.
+    """
+    path = Path(path)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    except OSError as error:
+        raise _write_error(path, error) from None
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError as error:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass
+            raise _write_error(path, error) from None
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Union[str, Path], text: str) -> None:
+    """Replace a small text file (a log, run.json) at once: a failed write leaves the old one."""
+    path = Path(path)
+    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TEMPORARY_SUFFIX}")
+    try:
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(text.encode("utf-8"))
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp_path, path)
@@ -67,9 +160,7 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> None:
             tmp_path.unlink(missing_ok=True)
             raise
     except OSError as error:
-        raise CheckpointError(f"cannot write checkpoint {path}: "
-                              f"{error.strerror or one_line(error)}") from None
-    _fsync_dir(path.parent)
+        raise _write_error(path, error) from None
 
 
 def remove_stale_temporaries(folder: Union[str, Path]) -> list:
@@ -96,29 +187,126 @@ def _refusal_reason(message: str) -> str:
     return "it holds objects other than tensors and plain containers"
 
 
-def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; refuse anything else with a clear error."""
+# ---- reading a user's file ----------------------------------------------------------------------
+def _zip_problem(path: Path) -> Optional[str]:
+    """What is wrong with a zip-format torch file, in plain words; None when it is intact.
+
+    Every member's CRC-32 is checked: torch itself does not, so a flipped byte inside a tensor
+    would otherwise load without a word.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            bad_member = archive.testzip()
+    except zipfile.BadZipFile as error:
+        if "not a zip file" in str(error).lower():
+            # the directory at the end of every zip file is missing: the write was cut short
+            return "truncated (the end of the file is missing)"
+        return f"corrupt ({one_line(error)})"
+    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError,
+            zlib.error, struct.error, KeyError, IndexError, OverflowError) as error:
+        return f"truncated or corrupt ({one_line(error)})"
+    if bad_member is not None:
+        return f"corrupt (checksum mismatch in {bad_member})"
+    if not any(name.endswith("data.pkl") for name in names):
+        return "a zip archive, not a PyTorch file"
+    return None
+
+
+def read_torch_file(path: Union[str, Path], what: str = "checkpoint",
+                    expected: str = "a farcluss checkpoint", map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` of a user's file; every failure a one-line CheckpointError.
+
+    `what` names the file's role ("checkpoint", "pretrained weights"), `expected` what it should
+    be. The message says what is wrong in plain words — empty, truncated, corrupt (a CRC-32
+    mismatch), a text file or an image instead of a checkpoint, unsafe to unpickle — whatever
+    exception the reader raised.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(file_kind.HEAD_BYTES)
+    except OSError as error:
+        raise CheckpointError(f"cannot read {what} {path}: "
+                              f"{error.strerror or one_line(error)}") from None
+
+    def refuse(problem: str) -> CheckpointError:
+        return CheckpointError(f"{what} {path} is {problem}")
+
+    if size == 0:
+        raise refuse("empty (0 bytes)")
+    if head.startswith(file_kind.ZIP_MAGIC):
+        problem = _zip_problem(path)
+        if problem is not None:
+            raise refuse(problem)
+    elif not head.startswith(b"\x80"):  # a pickle (torch's legacy format) starts with PROTO
+        kind = file_kind.describe(head)
+        raise refuse(f"{kind}, not {expected}" if kind else
+                     f"not {expected} (not a PyTorch file: unrecognised content)")
     try:
         with warnings.catch_warnings():
             # a foreign pickle protocol is reported by the refusal below, if it matters at all
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            warnings.filterwarnings("ignore", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         message = str(error)
         if "Weights only load failed" in message:
             raise CheckpointError(f"refusing to load {path}: not a plain tensor checkpoint "
                                   f"({_refusal_reason(message)})") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: {one_line(error)}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
-        # a truncated zip, a text file, an I/O error: torch's first line says which
-        text = str(error).strip()
-        reason = text.splitlines()[0] if text else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+        raise refuse(f"corrupt ({one_line(error)})") from None
+    except MemoryError:
+        raise refuse("corrupt (it asks for more memory than there is)") from None
+    except Exception as error:  # noqa: BLE001 - whatever a damaged file makes the reader raise
+        if isinstance(error, OSError) and error.errno not in (None, errno.EINVAL):
+            raise CheckpointError(f"cannot read {what} {path}: "
+                                  f"{error.strerror or one_line(error)}") from None
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = " ".join(reason.split())[:200]
+        legacy = "" if head.startswith(file_kind.ZIP_MAGIC) else "legacy PyTorch format, "
+        raise refuse(f"truncated or corrupt ({legacy}{reason})") from None
+
+
+def _check_run_entries(state: dict, path: Path) -> None:
+    """The entries every farcluss checkpoint shares have the types the readers expect.
+
+    A damaged file can unpickle into any structure; finding that here keeps a ``TypeError``
+    from surfacing later, far from the file.
+    """
+    def is_state_dict(value: Any) -> bool:
+        return isinstance(value, dict) and all(
+            isinstance(key, str) and isinstance(tensor, torch.Tensor) for key, tensor in value.items())
+
+    checks = {
+        "config": lambda value: isinstance(value, dict),
+        "classes": lambda value: isinstance(value, list) and all(isinstance(c, str) for c in value),
+        "student": is_state_dict,
+        "teacher": lambda value: value is None or is_state_dict(value),
+        "iteration": lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+        "optimizer": lambda value: isinstance(value, dict) and isinstance(value.get("state"), dict)
+        and isinstance(value.get("param_groups"), list),
+        "rank_states": lambda value: isinstance(value, list) and len(value) > 0 and all(
+            isinstance(entry, dict) and isinstance(entry.get("rng"), dict)
+            and isinstance(entry.get("method"), dict) for entry in value),
+    }
+    for key, check in checks.items():
+        if key in state and not check(state[key]):
+            raise CheckpointError(f"checkpoint {path} is corrupt or not a farcluss checkpoint: "
+                                  f"its '{key}' entry is a {type(state[key]).__name__} of the "
+                                  "wrong form")
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; refuse anything else with a clear error."""
+    path = Path(path)
+    obj = read_torch_file(path, "checkpoint", "a farcluss checkpoint", map_location=map_location)
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict: "
+                              "not a farcluss checkpoint")
+    _check_run_entries(obj, path)
     return obj
 
 
@@ -147,7 +335,11 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
         if unexpected:
             parts.append("unexpected " + ", ".join(unexpected[:8]) + (" …" if len(unexpected) > 8 else ""))
         raise CheckpointError(f"checkpoint {source} does not fit the model: " + "; ".join(parts))
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as error:  # e.g. a damaged entry's dtype
+        raise CheckpointError(f"checkpoint {source} does not fit the model: "
+                              f"{one_line(error)[:300]}") from None
 
 
 # ---- random-number state ----------------------------------------------------------------------

@@ -19,8 +19,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-#: how long a collective waits for the other ranks before the run fails
-DEFAULT_TIMEOUT_S = 600.0
+from farcluss.errors import FarclussError
+
+#: how long a collective waits for the other ranks before the run fails (`train.dist_timeout`)
+DEFAULT_TIMEOUT_S = 1800.0
 
 # A second group for the statistics reductions. `all_reduce_sum` may run its collective inside
 # the backward pass, where DDP launches its own gradient all-reduces in an order that depends
@@ -126,9 +128,62 @@ class _AllReduceSum(torch.autograd.Function):
         return _sum_over_ranks(grad_output)
 
 
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True when `flag` holds on every rank (a decision all ranks must take together)."""
+    if world_size() == 1:
+        return flag
+    votes = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.SUM, group=_stats_group)
+    return bool(votes.item() == 0.0)
+
+
+def max_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """max_r tensor_r over ranks, as a new tensor (no gradient); the identity without DDP."""
+    if world_size() == 1:
+        return tensor
+    reduced = tensor.detach().clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=_stats_group)
+    return reduced
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+class RankLostError(FarclussError):
+    """Another rank stopped answering: it died (killed, out of memory) or hangs."""
+
+
+# what gloo and NCCL say when a peer's connection closes or a collective times out
+_LOST_PEER_PATTERNS = ("connection reset", "connection closed", "broken pipe", "timed out",
+                       "timeout", "nccl", "gloo", "socket", "peer")
+
+
+def is_lost_peer(exc: BaseException) -> bool:
+    """True for the error a collective raises when another rank is gone."""
+    if isinstance(exc, FarclussError):
+        return False
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(pattern in text for pattern in _LOST_PEER_PATTERNS)
+
+
+def lost_rank_error(env: DistEnv, where: str, exc: BaseException,
+                    last_checkpoint: Optional[str] = None) -> RankLostError:
+    """One line: which rank noticed, which rank is gone (when it can be told), how to go on."""
+    message = " ".join((str(exc).splitlines() or [type(exc).__name__])[0].split())
+    # gloo's messages end in a paragraph of advice; the first sentence says what happened
+    message = message.split(". This is typically")[0][:200]
+    if env.world_size == 2:
+        lost = f"rank {1 - env.rank} of 2 is gone"
+    else:
+        lost = f"another of the {env.world_size} ranks is gone"
+    resume = (f"; a restart resumes from {last_checkpoint}" if last_checkpoint
+              else "; no checkpoint was written yet")
+    return RankLostError(f"rank {env.rank} of {env.world_size} stopped {where}: {lost} "
+                         f"({message}){resume}")
 
 
 def report_failure(env: DistEnv, where: str, exc: BaseException) -> None:

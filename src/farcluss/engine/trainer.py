@@ -28,7 +28,9 @@ from farcluss.data.datasets import SegmentationDataset
 from farcluss.data.sampler import InfiniteSampler
 from farcluss.data.transforms import WeakAugment
 from farcluss.engine import checkpoint as ckpt
-from farcluss.engine.distributed import DistEnv, all_reduce_sum, barrier, report_failure
+from farcluss.engine.distributed import (DistEnv, abort, all_reduce_sum, barrier, is_lost_peer,
+                                         lost_rank_error, report_failure)
+from farcluss.engine.signals import StopRequest, ignore_in_worker, signal_name
 from farcluss.engine.optim import build_optimizer, set_poly_lr
 from farcluss.engine.tensorboard import TensorBoardLogger
 from farcluss.errors import CheckpointError, ConfigError, FarclussError
@@ -216,6 +218,7 @@ class Trainer:
         self.best_iteration = -1
         self.resumed_from: Optional[int] = None
         self._tensorboard: Optional[TensorBoardLogger] = None  # opened by the first _log
+        self.stop_request = StopRequest(cfg.train.stop_signals)
         self._resume(resume)
 
     # ---- run folder ---------------------------------------------------------------------------
@@ -274,7 +277,7 @@ class Trainer:
         info.setdefault("resumed_at", []).append(
             {"iteration": self.resumed_from, "git_revision": git_revision(),
              "farcluss_version": farcluss.__version__})
-        self.paths.run_info.write_text(json.dumps(info, indent=2) + "\n")
+        ckpt.write_text_atomic(self.paths.run_info, json.dumps(info, indent=2) + "\n")
         if not self.paths.metrics.is_file():
             return
         kept = []
@@ -286,9 +289,7 @@ class Trainer:
             if int(record.get("iteration", 0)) <= self.resumed_from:
                 kept.append(line)
         kept.append(json.dumps({"type": "resume", "iteration": self.resumed_from}))
-        tmp = self.paths.metrics.with_name(f".{self.paths.metrics.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.paths.metrics)
+        ckpt.write_text_atomic(self.paths.metrics, "".join(line + "\n" for line in kept))
 
     def _unlabeled_batch_size(self) -> int:
         return self.cfg.train.unlabeled_batch_size or self.cfg.train.batch_size
@@ -296,8 +297,7 @@ class Trainer:
     def _log(self, record: Dict[str, Any]) -> None:
         if not self.env.is_main:
             return
-        with self.paths.metrics.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        ckpt.append_line(self.paths.metrics, json.dumps(record))
         if self.cfg.train.tensorboard:
             if self._tensorboard is None:
                 self._tensorboard = TensorBoardLogger(self.paths.root / "tensorboard", self.data.classes)
@@ -404,7 +404,7 @@ class Trainer:
                             num_workers=t.num_workers, pin_memory=self.device.type == "cuda",
                             drop_last=True, persistent_workers=t.num_workers > 0,
                             prefetch_factor=4 if t.num_workers > 0 else None,
-                            generator=worker_seeds)
+                            generator=worker_seeds, worker_init_fn=ignore_in_worker(t.stop_signals))
         return iter(loader)
 
     def _datasets(self) -> tuple[SegmentationDataset, Optional[Dataset]]:
@@ -513,15 +513,36 @@ class Trainer:
         try:
             return self._fit()
         except BaseException as exc:
+            if self.env.distributed and is_lost_peer(exc):
+                abort()  # waiting for the lost rank would hang
+                raise lost_rank_error(self.env, f"at iteration {self.iteration + 1}", exc,
+                                      str(self.paths.last) if self.paths.last.is_file() else None
+                                      ) from None
             if self.env.distributed:
                 # leave the group so the other ranks fail at their next collective, not hang
                 report_failure(self.env, f"at iteration {self.iteration + 1}", exc)
             raise
+        finally:
+            self.stop_request.uninstall()
+
+    def _stop_run(self, saved: bool) -> Dict[str, Any]:
+        """After a stop signal: last.pt at this iteration (unless just written), then return."""
+        if not saved:
+            self._save_last()
+            barrier()
+        signum = self.stop_request.signum
+        self._log({"type": "stop", "iteration": self.iteration, "signal": signal_name(signum)})
+        return {"iteration": self.iteration, "best_miou": self.best_miou,
+                "best_iteration": self.best_iteration, "final": {},
+                "run_dir": str(self.paths.root), "stopped_by": signum,
+                "checkpoint": str(self.paths.last)}
 
     def _fit(self) -> Dict[str, Any]:
         cfg = self.cfg
         t = cfg.train
         self._prepare_run_folder()
+        # from here a stop signal only asks the loop to stop after its current iteration
+        self.stop_request.install()
         labeled_set, unlabeled_set = self._datasets()
         labeled_iter = self._loader(labeled_set, t.batch_size, stream=0)
         unlabeled_iter = (self._loader(unlabeled_set, self._unlabeled_batch_size(), stream=1)
@@ -567,6 +588,9 @@ class Trainer:
             if self.iteration % t.checkpoint_interval == 0 or self.iteration == t.iterations:
                 self._save_last()
                 barrier()
+            if self.iteration < t.iterations and self.stop_request.agreed(self.device):
+                progress.close()
+                return self._stop_run(saved=self.iteration % t.checkpoint_interval == 0)
         progress.close()
         if not last_results:
             last_results = self.evaluate_models()

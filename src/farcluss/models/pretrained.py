@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
-import re
 import string
 import urllib.parse
 from dataclasses import dataclass
@@ -199,18 +197,10 @@ def _download(url: str, sha256: Optional[str]) -> str:
 
 
 def _read_tensor_dict(path: str) -> Dict[str, torch.Tensor]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        message = str(error)
-        if "Weights only load failed" in message:
-            found = re.search(r"WeightsUnpickler error:\s*([^.\n]+)", message)
-            reason = found.group(1).strip() if found else "it contains non-tensor objects"
-            raise CheckpointError(f"refusing to load {path}: it is not a plain tensor checkpoint "
-                                  f"({reason})") from None
-        raise CheckpointError(f"cannot read {path}: {one_line(error)}") from None
-    except Exception as error:  # truncated zip, not a torch file, I/O error
-        raise CheckpointError(f"cannot read {path}: {one_line(error)}") from error
+    from farcluss.engine.checkpoint import read_torch_file
+
+    # empty, truncated, corrupt, a text file or an image: one line that says which
+    checkpoint = read_torch_file(path, "pretrained weights", "a PyTorch weights file")
 
     unwrapped = True
     while unwrapped and isinstance(checkpoint, dict):
@@ -222,6 +212,9 @@ def _read_tensor_dict(path: str) -> Dict[str, torch.Tensor]:
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
     for key, value in checkpoint.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: key {key!r} is not a parameter name; expected a "
+                                  f"state dict")
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, "
                                   f"not a tensor; expected a state dict")
