@@ -33,7 +33,11 @@ import numpy as np
 
 from farcluss.cli_args import add_overrides_arg
 from farcluss.config import Config, config_from_dict, load_config
-from farcluss.data.splits import Sample
+from farcluss.data.benchmark import benchmark_is_complete
+from farcluss.data.build import build_data, dataset_root
+from farcluss.data.io import load_mask
+from farcluss.data.splits import Sample, read_split
+from farcluss.engine.trainer import Trainer
 from farcluss.errors import ConfigError, DataError, FarclussError
 
 BENCH_METHODS = ("supervised", "fixmatch", "farcluss", "supervised_full")
@@ -55,7 +59,6 @@ BACKGROUND_NAMES = frozenset({"background", "_background_", "bg", "backdrop"})
 def labeled_pixel_counts(samples: Sequence[Sample], num_classes: int, ignore_index: int = 255) -> np.ndarray:
     """Per-class pixel counts (int64, length `num_classes`) over the masks of `samples`;
     ignored pixels are not counted."""
-    from farcluss.data.io import load_mask
 
     counts = np.zeros(num_classes, np.int64)
     for sample in samples:
@@ -81,7 +84,6 @@ def rarest_object_classes(pixel_counts: Sequence[int], class_names: Sequence[str
 
 def rare_classes_of(cfg: Config) -> Tuple[List[int], List[str], np.ndarray]:
     """(indices, names, all per-class labeled pixel counts) of the rare classes of a config's data."""
-    from farcluss.data.build import build_data
 
     data = build_data(cfg, need_unlabeled=False)
     counts = labeled_pixel_counts(data.labeled, len(data.classes), cfg.data.ignore_index)
@@ -124,7 +126,6 @@ def check_fresh_run_dir(run_dir: Path) -> None:
 
 def train_run(cfg: Config, run_dir: Path) -> Tuple[Dict[str, Any], float]:
     """Train one config in this process; returns the trainer's summary and the wall seconds."""
-    from farcluss.engine.trainer import Trainer
 
     check_fresh_run_dir(run_dir)
     start = time.perf_counter()
@@ -139,9 +140,6 @@ def full_label_list(cfg: Config, work_dir: Path) -> Path:
     of the labeled list and the unlabeled lines that give a mask, written to
     ``work_dir/train_full.txt`` with absolute paths.
     """
-    from farcluss.data.benchmark import benchmark_is_complete
-    from farcluss.data.build import dataset_root
-    from farcluss.data.splits import read_split
 
     root = dataset_root(cfg)
     shipped = root / "splits" / "train_full.txt"

@@ -19,7 +19,9 @@ from farcluss.data.check import check_samples
 from farcluss.data.cityscapes import convert_cityscapes
 from farcluss.data.splits import make_splits
 from farcluss.engine.distributed import cleanup, env_from_environment, init_distributed
-from farcluss.engine.trainer import Trainer, resolve_device
+from farcluss.engine.signals import exit_status, print_stop, resume_command, stop_message
+from farcluss.engine.device import resolve_device
+from farcluss.engine.trainer import Trainer
 from farcluss.errors import FarclussError
 from farcluss.inference import evaluate_checkpoint
 from farcluss.log import get_logger, setup_logging
@@ -51,7 +53,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         cleanup()
     if summary.get("stopped_by") is not None:
-        from farcluss.engine.signals import exit_status, print_stop, resume_command, stop_message
 
         if env.is_main:
             print_stop(stop_message(summary["iteration"], cfg.train.iterations, summary["stopped_by"],

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -608,8 +610,6 @@ def dump_config(cfg: Config, path: Union[str, Path]) -> None:
 
 def _field_docs(cls: type) -> dict[str, str]:
     """The ``#:`` comments written above fields in this file, by field name."""
-    import inspect
-
     docs: dict[str, str] = {}
     pending: list[str] = []
     for line in inspect.getsource(cls).splitlines():
@@ -653,6 +653,4 @@ def write_reference(path: Union[str, Path]) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     write_reference(sys.argv[1] if len(sys.argv) > 1 else "docs/configuration.md")

@@ -43,8 +43,10 @@ from farcluss.bench import (
 )
 from farcluss.cli_args import add_overrides_arg, positive_int
 from farcluss.config import Config, load_config
+from farcluss.data.build import build_data, dataset_root
+from farcluss.engine.trainer import Trainer
 from farcluss.errors import ConfigError, FarclussError
-from farcluss.inference import predict_validation_examples
+from farcluss.inference import evaluate_checkpoint, predict_validation_examples
 from farcluss.report import (
     html_table,
     median_seconds_per_iteration,
@@ -104,7 +106,6 @@ def curve_settings(cfg: Config, num_val: int) -> Dict[str, Any]:
 
 def final_metrics(cfg: Config, run_dir: Path, model_name: str) -> dict:
     """Metrics of the run's last `model_name` on the validation list of `cfg`."""
-    from farcluss.inference import evaluate_checkpoint
 
     return evaluate_checkpoint(cfg, str(run_dir / "checkpoints" / "last.pt"), model_name, progress=False)
 
@@ -115,7 +116,6 @@ def calibrate(cfg: Config, method: str, num_val: int, work_dir: Path) -> Calibra
     The final evaluation is not run but extrapolated from the calibration's one evaluation:
     evaluation time grows with the number of images and the number of models evaluated.
     """
-    from farcluss.engine.trainer import Trainer
 
     curve = curve_settings(cfg, num_val)
     changes = {"method.name": method, "train.iterations": CALIBRATION_ITERATIONS, "train.log_interval": 1,
@@ -181,7 +181,6 @@ def shared_settings(cfg: Config, iterations: int, seed: int) -> Dict[str, Any]:
 def run_demo(out_dir, minutes: float = DEFAULT_MINUTES, seed: int = 0, data_dir=None, config_path=None,
              overrides: Sequence[str] = (), iterations: Optional[int] = None, num_images: int = 6) -> dict:
     """Train the three methods and write the report folder; returns the summary document."""
-    from farcluss.data.build import build_data, dataset_root
 
     start = time.perf_counter()
     if minutes <= 0:

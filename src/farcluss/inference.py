@@ -22,7 +22,7 @@ from farcluss.data.splits import Sample
 from farcluss.data.transforms import image_to_tensor
 from farcluss.engine.checkpoint import load_checkpoint, load_model_state
 from farcluss.engine.distributed import DistEnv
-from farcluss.engine.trainer import resolve_device
+from farcluss.engine.device import resolve_device
 from farcluss.errors import CheckpointError, ConfigError
 from farcluss.evaluate import eval_mode, evaluate, predict
 from farcluss.methods import build_method

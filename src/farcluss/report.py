@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from farcluss.config import config_from_dict
 from farcluss.errors import CheckpointError, FarclussError
@@ -134,8 +136,6 @@ def colourise(mask: np.ndarray, colours: np.ndarray, ignore_index: int = 255) ->
 
 
 def _new_figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -227,8 +227,6 @@ def save_prediction_grid(images: Sequence[np.ndarray], ground_truth: Sequence[np
                          predictions: Mapping[str, Sequence[np.ndarray]], class_names: Sequence[str],
                          path, ignore_index: int = 255, row_names: Sequence[str] = ()) -> Path:
     """Rows of [image, ground truth, one column per prediction set], with a colour legend."""
-    from matplotlib.patches import Patch
-
     colours = class_colours(len(class_names))
     columns = ["image", "ground truth", *predictions]
     rows = len(images)

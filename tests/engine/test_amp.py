@@ -103,7 +103,7 @@ def test_strong_view_is_computed_in_float32_under_autocast():
 
 
 def test_auto_amp_resolves_to_a_concrete_mode():
-    from farcluss.engine.trainer import _cpu_has_native_bf16, resolve_amp
+    from farcluss.engine.device import _cpu_has_native_bf16, resolve_amp
 
     cpu = torch.device("cpu")
     assert resolve_amp("off", cpu) == "off"

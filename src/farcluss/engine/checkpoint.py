@@ -82,6 +82,29 @@ def _write_error(path: Path, error: OSError, what: str = "") -> "CheckpointError
                            + (f" ({code})" if code else ""))
 
 
+def _temporary_path(path: Path) -> Path:
+    """A hidden name beside `path`, unique per process and write (removed by
+    `remove_stale_temporaries` if the write is killed)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TEMPORARY_SUFFIX}")
+
+
+def _replace_with(path: Path, write: Callable[[Any, Path], None]) -> None:
+    """Write a temporary file with ``write(handle, tmp_path)``, fsync it and rename it onto
+    `path`; on any failure the temporary file goes and `path` is untouched."""
+    tmp_path = _temporary_path(path)
+    # 0o666 under the umask: the same permissions as any file the user writes
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle, tmp_path)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
 def save_atomic(obj: Any, path: Union[str, Path]) -> None:
     """`torch.save` `obj` to `path` so that `path` is always a complete file.
 
@@ -90,27 +113,23 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> None:
     temporary file removed.
     """
     path = Path(path)
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TEMPORARY_SUFFIX}")
     writer: Optional[_RecordingWriter] = None
+
+    def write(handle, tmp_path: Path) -> None:
+        nonlocal writer
+        writer = _RecordingWriter(handle)
+        torch.save(obj, writer)
+        if _write_hook is not None:
+            _write_hook(tmp_path)
+        writer.flush()
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # 0o666 under the umask: the same permissions as any file the user writes
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                writer = _RecordingWriter(handle)
-                torch.save(obj, writer)
-                if _write_hook is not None:
-                    _write_hook(tmp_path)
-                writer.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_path, path)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
+        _replace_with(path, write)
     except OSError as error:
         raise _write_error(path, error, "checkpoint") from None
     except RuntimeError:
+        # torch.save wraps the OSError of a failed write in a RuntimeError
         if writer is not None and writer.error is not None:
             raise _write_error(path, writer.error, "checkpoint") from None
         raise
@@ -147,18 +166,8 @@ def append_line(path: Union[str, Path], line: str) -> None:
 def write_text_atomic(path: Union[str, Path], text: str) -> None:
     """Replace a small text file (a log, run.json) at once: a failed write leaves the old one."""
     path = Path(path)
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TEMPORARY_SUFFIX}")
     try:
-        try:
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(text.encode("utf-8"))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_path, path)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
+        _replace_with(path, lambda handle, _: handle.write(text.encode("utf-8")))
     except OSError as error:
         raise _write_error(path, error) from None
 

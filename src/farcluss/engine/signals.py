@@ -20,15 +20,18 @@ tensor, so every rank sees a stop as soon as any rank does.
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import os
 import shlex
 import signal
 import sys
+import threading
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from farcluss.config import STOP_SIGNAL_NAMES
+from farcluss.engine import distributed
 from farcluss.errors import ConfigError
 
 #: signals after which the process ends at once instead of waiting for the save
@@ -83,8 +86,6 @@ class StopRequest:
             os._exit(exit_status(self.signum))
 
     def install(self) -> "StopRequest":
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return self
         for signum in self.signals:
@@ -115,7 +116,6 @@ class StopRequest:
         all-reduce on the statistics group), and the signal number of the lowest rank that got
         one, so every rank can report it.
         """
-        from farcluss.engine import distributed
 
         if distributed.world_size() == 1:
             return self.requested
@@ -150,8 +150,6 @@ def _kill_daemonic_children() -> None:
     ignores SIGTERM would make that wait endless. Registered after multiprocessing's own exit
     function, so it runs first.
     """
-    import multiprocessing
-
     # torch's DataLoader installs a SIGCHLD handler that raises when a worker dies: the kill
     # below would raise it inside join() and leave the worker unreaped (and the exit hung)
     if hasattr(signal, "SIGCHLD"):

@@ -3,15 +3,9 @@ devices, AMP, DDP, the EMA teacher, the schedule, evaluation, checkpoints and lo
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import os
 import random
-import subprocess
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -22,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import farcluss
-from farcluss.config import Config, dump_config
+from farcluss.config import Config
 from farcluss.data.build import DataBundle, build_data, eval_loader
 from farcluss.data.datasets import SegmentationDataset
 from farcluss.data.sampler import InfiniteSampler
@@ -32,8 +26,9 @@ from farcluss.engine.distributed import (DistEnv, abort, all_reduce_sum, barrier
                                          lost_rank_error, report_failure)
 from farcluss.engine.signals import StopRequest, ignore_in_worker, signal_name
 from farcluss.engine.optim import build_optimizer, set_poly_lr
-from farcluss.engine.tensorboard import TensorBoardLogger
-from farcluss.errors import CheckpointError, ConfigError, FarclussError
+from farcluss.engine.device import autocast_context, configure_backends, resolve_amp, resolve_device
+from farcluss.engine.run_folder import RunFolder, to_loggable
+from farcluss.errors import CheckpointError, FarclussError
 from farcluss.evaluate import evaluate
 from farcluss.log import Progress
 from farcluss.methods import build_method
@@ -66,95 +61,8 @@ class WithSampleSeed(Dataset):
         return sample
 
 
-def resolve_device(name: str, env: DistEnv) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", env.local_rank)
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"config key 'train.device' is {name} but CUDA is not available")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", env.local_rank)
-    return device
-
-
 #: layout version of last.pt and best.pt
 CHECKPOINT_FORMAT = 2
-
-
-def _cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matrix products run ~2.5x faster than fp32 there; elsewhere
-    they are emulated and slower, so `auto` keeps fp32."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """`train.amp` in force: `auto` is bf16 on a CPU that runs it natively, else off."""
-    if amp != "auto":
-        return amp
-    # on CUDA the published recipes are fp32; bf16/fp16 there is an explicit choice
-    if device.type == "cuda":
-        return "off"
-    return "bf16" if _cpu_has_native_bf16() else "off"
-
-
-def autocast_context(device: torch.device, amp: str):
-    if amp == "off":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def git_revision() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _to_loggable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().float().cpu()
-        if value.numel() == 1:
-            item = value.item()
-            return None if not math.isfinite(item) else round(item, 6)
-        return [None if not math.isfinite(v) else round(v, 6) for v in value.tolist()]
-    if isinstance(value, float):
-        return round(value, 6)
-    return value
-
-
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def last(self) -> Path:
-        return self.root / "checkpoints" / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.root / "checkpoints" / "best.pt"
-
-    @property
-    def run_info(self) -> Path:
-        return self.root / "run.json"
 
 
 class Trainer:
@@ -163,18 +71,9 @@ class Trainer:
         """`resume`: True = must resume, False = never, None = resume when last.pt exists."""
         self.cfg = cfg
         self.env = env or DistEnv()
-        self.paths = RunPaths(Path(out_dir))
         self.device = resolve_device(cfg.train.device, self.env)
-        if cfg.train.amp == "fp16" and self.device.type != "cuda":
-            raise ConfigError("config key 'train.amp' is fp16, which needs CUDA; use bf16 on CPU")
         self.amp = resolve_amp(cfg.train.amp, self.device)
-        if cfg.train.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        configure_backends(self.device, cfg.train.deterministic)
 
         # rank 0 may have to write the built-in dataset first; the other ranks then read it
         if data is None and self.env.distributed and not self.env.is_main:
@@ -183,6 +82,9 @@ class Trainer:
         if data is None and self.env.distributed and self.env.is_main:
             barrier()
         self.num_classes = len(self.data.classes)
+        self.run_folder = RunFolder(Path(out_dir), writes=self.env.is_main,
+                                    tensorboard=cfg.train.tensorboard, classes=self.data.classes)
+        self.paths = self.run_folder.paths
         self.method = build_method(cfg, self.num_classes, reduce=all_reduce_sum,
                                    world_size=self.env.world_size, rank=self.env.rank)
 
@@ -217,91 +119,29 @@ class Trainer:
         self.best_miou = -1.0
         self.best_iteration = -1
         self.resumed_from: Optional[int] = None
-        self._tensorboard: Optional[TensorBoardLogger] = None  # opened by the first _log
         self.stop_request = StopRequest(cfg.train.stop_signals)
         self._resume(resume)
 
     # ---- run folder ---------------------------------------------------------------------------
     def _prepare_run_folder(self) -> None:
-        if not self.env.is_main:
-            return
-        try:
-            (self.paths.root / "checkpoints").mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_temporaries(self.paths.last.parent)
-            dump_config(self.cfg, self.paths.config)
-            if self.resumed_from is not None:
-                self._record_resume()
-                return
-            self._set_aside_previous_log()
-            info = {
-                "farcluss_version": farcluss.__version__,
-                "git_revision": git_revision(),
-                "seed": self.cfg.train.seed,
-                "world_size": self.env.world_size,
-                "global_batch_labeled": self.cfg.train.batch_size * self.env.world_size,
-                "global_batch_unlabeled": self._unlabeled_batch_size() * self.env.world_size
-                if self.method.uses_unlabeled else 0,
-                "device": str(self.device),
-                "amp": self.amp,
-                "torch_version": torch.__version__,
-                "classes": self.data.classes,
-            }
-            self.paths.run_info.write_text(json.dumps(info, indent=2) + "\n")
-        except OSError as exc:
-            where = exc.filename or self.paths.root
-            raise FarclussError(f"output folder {self.paths.root} is not writable "
-                                f"({where}: {exc.strerror or exc})") from None
-
-    def _set_aside_previous_log(self) -> None:
-        """A fresh start in a used folder keeps the old log beside the new one, not mixed in."""
-        if not self.paths.metrics.is_file():
-            return
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.paths.metrics.stat().st_mtime))
-        target = self.paths.metrics.with_name(f"metrics.{stamp}.jsonl")
-        suffix = 1
-        while target.exists():
-            suffix += 1
-            target = self.paths.metrics.with_name(f"metrics.{stamp}-{suffix}.jsonl")
-        self.paths.metrics.rename(target)
-
-    def _record_resume(self) -> None:
-        """Note the resume in run.json and drop log records past the checkpoint.
-
-        The iterations after the checkpoint are replayed exactly, so their records would appear
-        twice; the log is rewritten atomically to read as if the run had never stopped.
-        """
-        try:
-            info = json.loads(self.paths.run_info.read_text())
-        except (OSError, ValueError):
-            info = {}
-        info.setdefault("resumed_at", []).append(
-            {"iteration": self.resumed_from, "git_revision": git_revision(),
-             "farcluss_version": farcluss.__version__})
-        ckpt.write_text_atomic(self.paths.run_info, json.dumps(info, indent=2) + "\n")
-        if not self.paths.metrics.is_file():
-            return
-        kept = []
-        for line in self.paths.metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # the half-written last line of a killed run
-            if int(record.get("iteration", 0)) <= self.resumed_from:
-                kept.append(line)
-        kept.append(json.dumps({"type": "resume", "iteration": self.resumed_from}))
-        ckpt.write_text_atomic(self.paths.metrics, "".join(line + "\n" for line in kept))
+        uses_unlabeled = self.method.uses_unlabeled
+        self.run_folder.prepare(self.cfg, {
+            "seed": self.cfg.train.seed,
+            "world_size": self.env.world_size,
+            "global_batch_labeled": self.cfg.train.batch_size * self.env.world_size,
+            "global_batch_unlabeled": self._unlabeled_batch_size() * self.env.world_size
+            if uses_unlabeled else 0,
+            "device": str(self.device),
+            "amp": self.amp,
+            "torch_version": torch.__version__,
+            "classes": self.data.classes,
+        }, self.resumed_from)
 
     def _unlabeled_batch_size(self) -> int:
         return self.cfg.train.unlabeled_batch_size or self.cfg.train.batch_size
 
     def _log(self, record: Dict[str, Any]) -> None:
-        if not self.env.is_main:
-            return
-        ckpt.append_line(self.paths.metrics, json.dumps(record))
-        if self.cfg.train.tensorboard:
-            if self._tensorboard is None:
-                self._tensorboard = TensorBoardLogger(self.paths.root / "tensorboard", self.data.classes)
-            self._tensorboard.log(record)
+        self.run_folder.log(record)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _rank_states(self) -> List[dict]:
@@ -569,10 +409,10 @@ class Trainer:
                           "seconds_per_iteration": round(elapsed / window_iters, 5),
                           "data_wait_fraction": round(data_wait / max(elapsed, 1e-9), 4)}
                 for name, term in output.terms.items():
-                    record[f"loss_{name}"] = _to_loggable(term)
-                    record[f"weight_{name}"] = _to_loggable(float(output.weights.get(name, 1.0)))
+                    record[f"loss_{name}"] = to_loggable(term)
+                    record[f"weight_{name}"] = to_loggable(float(output.weights.get(name, 1.0)))
                 for name, value in output.stats.items():
-                    record[name] = _to_loggable(value)
+                    record[name] = to_loggable(value)
                 self._log(record)
                 postfix = {"loss": record.get("loss")}
                 window_start, data_wait, window_iters = time.perf_counter(), 0.0, 0

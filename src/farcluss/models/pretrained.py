@@ -27,6 +27,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..engine.checkpoint import read_torch_file
 from ..errors import CheckpointError, one_line
 from .resnet import ResNet
 
@@ -197,7 +198,6 @@ def _download(url: str, sha256: Optional[str]) -> str:
 
 
 def _read_tensor_dict(path: str) -> Dict[str, torch.Tensor]:
-    from farcluss.engine.checkpoint import read_torch_file
 
     # empty, truncated, corrupt, a text file or an image: one line that says which
     checkpoint = read_torch_file(path, "pretrained weights", "a PyTorch weights file")
