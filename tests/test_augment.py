@@ -17,6 +17,7 @@ from farcluss.augment import (
     rgb_to_hsv,
     hsv_to_rgb,
 )
+from farcluss.config import load_config
 from farcluss.errors import ConfigError
 
 MEAN = (0.485, 0.456, 0.406)
@@ -177,12 +178,15 @@ def test_jitter_operations_run_in_each_images_own_order():
 
 
 def test_invalid_strong_augment_settings_raise_config_error():
-    with pytest.raises(ConfigError, match="hue"):
-        StrongAugment(hue=0.7, mean=MEAN, std=STD)
+    # the ranges are declared once, in config; only the derived kernel size is checked here
+    with pytest.raises(ConfigError, match=r"'augment.hue' must be in \[0, 0.5\]"):
+        load_config(None, ["augment.hue=0.7"])
+    with pytest.raises(ConfigError, match=r"'augment.grayscale_prob' must be in \[0, 1\]"):
+        load_config(None, ["augment.grayscale_prob=1.5"])
+    with pytest.raises(ConfigError, match=r"'augment.cutmix_area' must be 0 < low <= high < 1"):
+        load_config(None, ["augment.cutmix_area=[0.5, 0.2]"])
     with pytest.raises(ConfigError, match="blur_kernel"):
         StrongAugment(blur_kernel=4, mean=MEAN, std=STD)
-    with pytest.raises(ConfigError, match="grayscale_prob"):
-        StrongAugment(grayscale_prob=1.5, mean=MEAN, std=STD)
 
 
 # ------------------------------------------------------------------------- CutMix

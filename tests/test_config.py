@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from farcluss.config import (Config, all_keys, describe_schema, load_config, parse_override,
+from farcluss.config import (Bounds, Config, TrainConfig, field_bounds, all_keys, describe_schema, load_config, parse_override,
                              resolved_threshold)
 from farcluss.errors import ConfigError
 
@@ -89,3 +91,26 @@ def test_configuration_reference_is_up_to_date():
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert describe_schema() in doc.read_text(), "run: python -m farcluss.config docs/configuration.md"
+
+
+def test_declared_ranges_drive_validation_and_docs():
+    bounds = field_bounds(TrainConfig)
+    assert bounds["lr"] == Bounds(low=0, low_open=True)
+    assert bounds["momentum"].describe() == "in [0, 1)"
+    assert bounds["momentum"].admits(0.0) and not bounds["momentum"].admits(1.0)
+    pair = Bounds(low=0, high=1, low_open=True, high_open=True, ordered=True)
+    assert pair.admits([0.1, 0.2]) and not pair.admits([0.2, 0.1]) and not pair.admits([0.0, 0.5])
+    assert "| `train.momentum` |" in describe_schema()
+    assert "(must be in [0, 1))" in describe_schema()
+    for override, message in (("train.momentum=1.0", "'train.momentum' must be in [0, 1)"),
+                              ("data.std=[0.2, 0, 0.2]", "'data.std' must be positive"),
+                              ("train.lr=0", "'train.lr' must be positive")):
+        with pytest.raises(ConfigError) as caught:
+            load_config(None, [override])
+        assert message in str(caught.value)
+
+
+def test_a_loaded_config_is_frozen():
+    cfg = load_config(None, [])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0

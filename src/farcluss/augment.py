@@ -150,11 +150,6 @@ class StrongAugmentParams:
         return StrongAugmentParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
-def _check_unit_interval(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"strong augmentation: {name} must be in [0, 1], got {value}")
-
-
 class StrongAugment:
     """Photometric strong view of normalised images: colour jitter → grayscale → Gaussian blur.
 
@@ -186,23 +181,12 @@ class StrongAugment:
         mean: Sequence[float],
         std: Sequence[float],
     ) -> None:
-        for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
-            if value < 0:
-                raise ConfigError(f"strong augmentation: {name} must be >= 0, got {value}")
-        if not 0.0 <= hue <= 0.5:
-            raise ConfigError(f"strong augmentation: hue must be in [0, 0.5], got {hue}")
-        for name, value in (("jitter_prob", jitter_prob), ("grayscale_prob", grayscale_prob),
-                            ("blur_prob", blur_prob)):
-            _check_unit_interval(name, value)
+        # the ranges are config's (farcluss.config, augment.*): checked once, at load
         sigma_min, sigma_max = (float(s) for s in blur_sigma)
-        if not 0.0 < sigma_min <= sigma_max:
-            raise ConfigError(f"strong augmentation: blur_sigma must satisfy 0 < min <= max, got {blur_sigma}")
         if blur_kernel is None:
             blur_kernel = 2 * math.ceil(3.0 * sigma_max) + 1
         if blur_kernel < 1 or blur_kernel % 2 == 0:
             raise ConfigError(f"strong augmentation: blur_kernel must be a positive odd integer, got {blur_kernel}")
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ConfigError(f"strong augmentation: mean/std need 3 values with std > 0, got {mean}, {std}")
 
         self.brightness = float(brightness)
         self.contrast = float(contrast)
@@ -342,12 +326,7 @@ def cutmix_masks_from_uniform(
     device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """`cutmix_masks` from a given B×5 block of U[0, 1) numbers (one row per image)."""
-    if not 0.0 <= prob <= 1.0:
-        raise ConfigError(f"cutmix: prob must be in [0, 1], got {prob}")
-    if not 0.0 < area[0] <= area[1] <= 1.0:
-        raise ConfigError(f"cutmix: area must satisfy 0 < min <= max <= 1, got {area}")
-    if not 0.0 < aspect[0] <= aspect[1]:
-        raise ConfigError(f"cutmix: aspect must satisfy 0 < min <= max, got {aspect}")
+    # prob, area and aspect ranges are config's (augment.cutmix_*), checked at load
     if uniform.dim() != 2 or uniform.shape[1] != CUTMIX_DRAWS:
         raise ValueError(f"expected B×{CUTMIX_DRAWS} uniforms, got shape {tuple(uniform.shape)}")
     device = torch.device("cpu") if device is None else torch.device(device)

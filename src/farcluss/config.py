@@ -22,7 +22,74 @@ import yaml
 from farcluss.errors import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
+class Bounds:
+    """The range of a number field (or of each element of a list field), declared beside the
+    field with :func:`bounded`; `validate` checks it and docs/configuration.md prints it.
+
+    ``ordered``: the value is a ``[low, high]`` pair that must also satisfy ``low <= high``.
+    """
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    ordered: bool = False
+
+    def admits(self, value: Any) -> bool:
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if self.ordered and not (len(values) == 2 and values[0] <= values[1]):
+            return False
+        for v in values:
+            if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+                return False
+            if self.high is not None and (v >= self.high if self.high_open else v > self.high):
+                return False
+        return True
+
+    def describe(self) -> str:
+        """The rule in words, as the error says it: "positive", ">= 0", "in [0, 1)", ..."""
+        if self.ordered:
+            low = "" if self.low is None else f"{_num(self.low)} {'<' if self.low_open else '<='} "
+            high = "" if self.high is None else f" {'<' if self.high_open else '<='} {_num(self.high)}"
+            return f"{low}low <= high{high}"
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is not None:
+            if self.low == 0 and self.low_open:
+                return "positive"
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        return "any number"
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def bounded(default: Any, *, gt: Optional[float] = None, ge: Optional[float] = None,
+            lt: Optional[float] = None, le: Optional[float] = None, ordered: bool = False) -> Any:
+    """A dataclass field with a declared range: ``lr: float = bounded(0.001, gt=0)``.
+
+    ``gt``/``ge`` and ``lt``/``le`` are the open or closed lower and upper bounds; `None` values
+    pass (an optional field that is unset). ``ordered`` marks a ``[low, high]`` pair.
+    """
+    bounds = Bounds(low=gt if gt is not None else ge, high=lt if lt is not None else le,
+                    low_open=gt is not None, high_open=lt is not None, ordered=ordered)
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata={"bounds": bounds})
+    return field(default=default, metadata={"bounds": bounds})
+
+
+def field_bounds(cls: type) -> dict[str, Bounds]:
+    """The declared ranges of a section's fields, by field name."""
+    return {f.name: f.metadata["bounds"] for f in dataclasses.fields(cls) if "bounds" in f.metadata}
+
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the images are and how a weak view is made."""
 
@@ -33,7 +100,7 @@ class DataConfig:
     #: a file with one class name per line, or the list itself; empty → preset / root/classes.txt
     classes: Union[str, List[str], None] = None
     #: must match the class list when both are given
-    num_classes: Optional[int] = None
+    num_classes: Optional[int] = bounded(None, ge=2)
     #: split list of labeled samples (`image mask` per line)
     labeled: str = "splits/labeled.txt"
     #: split list of unlabeled samples (`image` per line; a mask column is ignored)
@@ -41,20 +108,20 @@ class DataConfig:
     #: split list of validation samples
     val: str = "splits/val.txt"
     #: training crop (pixels, square)
-    crop_size: int = 321
+    crop_size: int = bounded(321, gt=0)
     #: random rescale range of the weak view
-    scale_range: Tuple[float, float] = (0.5, 2.0)
+    scale_range: Tuple[float, float] = bounded((0.5, 2.0), gt=0, ordered=True)
     #: horizontal flip probability of the weak view
-    flip_prob: float = 0.5
+    flip_prob: float = bounded(0.5, ge=0, le=1)
     #: mask value that is ignored (also used for crop padding)
-    ignore_index: int = 255
+    ignore_index: int = bounded(255, ge=0, le=255)
     #: normalisation mean (RGB, 0-1 scale)
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
     #: normalisation std (RGB, 0-1 scale)
-    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    std: Tuple[float, float, float] = bounded((0.229, 0.224, 0.225), gt=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     #: ResNet depth of the DeepLabV3+ encoder
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
@@ -63,7 +130,7 @@ class ModelConfig:
     #: three 3x3 convs instead of the 7x7 stem (ResNet-v1c, used by UniMatch/mmseg weights)
     deep_stem: bool = False
     #: channels of the first ResNet stage; 64 is the standard network, smaller makes tiny models
-    base_width: int = 64
+    base_width: int = bounded(64, ge=4)
     #: width of the deep stem's convs; None → base_width (UniMatch's ResNet-v1c files use 128)
     stem_width: Optional[int] = None
     #: registry name, local file or URL of ImageNet backbone weights; None = random init
@@ -72,7 +139,7 @@ class ModelConfig:
     pretrained_sha256: Optional[str] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class MethodConfig:
     """The semi-supervised method and every FARCLUSS reading (docs/method.md §0–§6)."""
 
@@ -85,41 +152,41 @@ class MethodConfig:
     #: feature perturbation: off | dropout (UniMatch V1: a channel-dropout copy of the weak view's encoder features, its own loss term) | complementary (UniMatch V2: complementary channel masks on the two strong views); None → the method's default (fixmatch, farcluss: off; unimatch: dropout)
     feature_perturbation: Optional[Literal["off", "dropout", "complementary"]] = None
     #: share of the unlabeled weight on the feature-perturbation term (dropout); the strong views share the rest equally (UniMatch: 0.5)
-    fp_share: float = 0.5
+    fp_share: float = bounded(0.5, ge=0, lt=1)
     #: channel dropout probability of feature_perturbation=dropout (UniMatch: Dropout2d(0.5))
-    fp_drop_prob: float = 0.5
+    fp_drop_prob: float = bounded(0.5, ge=0, lt=1)
     #: feature_perturbation=complementary leaves a pair of views unperturbed with this probability (UniMatch V2: half the batch)
-    fp_keep_prob: float = 0.5
+    fp_keep_prob: float = bounded(0.5, ge=0, le=1)
     #: teacher EMA momentum m; per step min(1 - 1/(t+1), m)
-    ema_momentum: float = 0.999
+    ema_momentum: float = bounded(0.999, ge=0, le=1)
     #: weight of the unlabeled loss
-    lambda_u: float = 1.0
+    lambda_u: float = bounded(1.0, ge=0)
     #: supervised-only iterations before the unlabeled loss starts; the teacher restarts then
-    warmup_iterations: int = 0
+    warmup_iterations: int = bounded(0, ge=0)
     #: fraction of all iterations over which r(t) ramps linearly from 0 to 1 after warm-up
-    ramp: float = 0.05
+    ramp: float = bounded(0.05, ge=0, le=1)
     #: confidence threshold on the teacher; None → 0.95 for fixmatch, 0 (off) for farcluss
-    threshold: Optional[float] = None
+    threshold: Optional[float] = bounded(None, ge=0, lt=1)
     #: K of the fuzzy top-K targets (1 = hard pseudo-labels, C = full distribution)
-    top_k: int = 3
+    top_k: int = bounded(3, ge=1)
     #: temperature on teacher probabilities before top-K
-    temperature: float = 1.0
+    temperature: float = bounded(1.0, gt=0)
     #: pixel weight u(x): none | entropy 1-H/log C | exp exp(-beta H/log C) | power (1-H/log C)^gamma
     weighting: Literal["none", "entropy", "exp", "power"] = "entropy"
     #: beta of weighting=exp
-    weighting_beta: float = 1.0
+    weighting_beta: float = bounded(1.0, gt=0)
     #: gamma of weighting=power
-    weighting_gamma: float = 1.0
+    weighting_gamma: float = bounded(1.0, gt=0)
     #: class weights from pseudo-label counts: off | batch (this batch) | ema (EMA of counts)
     rebalance: Literal["off", "batch", "ema"] = "batch"
     #: exponent alpha of w_c = (N / (C_b n_c))^alpha
-    rebalance_alpha: float = 1.0
+    rebalance_alpha: float = bounded(1.0, ge=0)
     #: class weights are clipped to this range after mean-normalisation
-    rebalance_clip: Tuple[float, float] = (0.1, 10.0)
+    rebalance_clip: Tuple[float, float] = bounded((0.1, 10.0), gt=0, ordered=True)
     #: weights are scaled to mean 1 over the present classes (docs/method.md) or over the pixels, which keeps the unlabeled loss at its scale
     rebalance_normalize: Literal["classes", "pixels"] = "classes"
     #: EMA momentum of the class counts (rebalance=ema)
-    rebalance_momentum: float = 0.99
+    rebalance_momentum: float = bounded(0.99, ge=0, lt=1)
     #: "pixel": w_{argmax q} multiplies the pixel loss (docs/method.md default); "inside": −Σ_c w_c q_c log p_c
     rebalance_apply: Literal["pixel", "inside"] = "pixel"
     #: denominator of L_unsup: valid (the valid pixel count, docs/method.md) | weights (the sum of u·w: a weighted mean that keeps the loss at its scale)
@@ -127,87 +194,87 @@ class MethodConfig:
     #: prototype contrastive loss on the decoder feature: off | prototype
     contrastive: Literal["off", "prototype"] = "prototype"
     #: weight of the contrastive loss (0 skips the projection head)
-    lambda_c: float = 0.1
+    lambda_c: float = bounded(0.1, ge=0)
     #: temperature tau of the prototype softmax
-    contrastive_temperature: float = 0.1
+    contrastive_temperature: float = bounded(0.1, gt=0)
     #: pixels sampled per class per iteration for the contrastive loss
-    max_pixels_per_class: int = 256
+    max_pixels_per_class: int = bounded(256, ge=1)
     #: output channels of the projection head
-    projection_dim: int = 128
+    projection_dim: int = bounded(128, ge=1)
     #: EMA momentum of the prototype bank (stands in for classes absent from a batch)
-    prototype_momentum: float = 0.99
+    prototype_momentum: float = bounded(0.99, ge=0, lt=1)
     #: unlabeled pixels join the contrastive loss when their pixel weight u(x) exceeds this (0: all but uniform ones)
-    contrastive_weight_threshold: float = 0.5
+    contrastive_weight_threshold: float = bounded(0.5, ge=0, le=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AugmentConfig:
     """Strong view of an unlabeled crop (docs/method.md §0); it must not change what an object is."""
 
     #: colour jitter strength (torchvision semantics)
-    brightness: float = 0.5
+    brightness: float = bounded(0.5, ge=0)
     #: colour jitter strength (torchvision semantics)
-    contrast: float = 0.5
+    contrast: float = bounded(0.5, ge=0)
     #: colour jitter strength (torchvision semantics)
-    saturation: float = 0.5
+    saturation: float = bounded(0.5, ge=0)
     #: hue jitter (fraction of the colour circle); keep small where hue defines a class
-    hue: float = 0.25
+    hue: float = bounded(0.25, ge=0, le=0.5)
     #: probability of colour jitter per image
-    jitter_prob: float = 0.8
+    jitter_prob: float = bounded(0.8, ge=0, le=1)
     #: probability of grayscale per image
-    grayscale_prob: float = 0.2
+    grayscale_prob: float = bounded(0.2, ge=0, le=1)
     #: probability of Gaussian blur per image
-    blur_prob: float = 0.5
+    blur_prob: float = bounded(0.5, ge=0, le=1)
     #: Gaussian blur sigma range
-    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    blur_sigma: Tuple[float, float] = bounded((0.1, 2.0), gt=0, ordered=True)
     #: probability that an image gets a CutMix box from another image of the batch
-    cutmix_prob: float = 0.5
+    cutmix_prob: float = bounded(0.5, ge=0, le=1)
     #: CutMix box area as a fraction of the crop
-    cutmix_area: Tuple[float, float] = (0.02, 0.4)
+    cutmix_area: Tuple[float, float] = bounded((0.02, 0.4), gt=0, lt=1, ordered=True)
     #: CutMix box aspect ratio range
-    cutmix_aspect: Tuple[float, float] = (0.3, 3.3)
+    cutmix_aspect: Tuple[float, float] = bounded((0.3, 3.3), gt=0, ordered=True)
 
 
 #: the signals `train.stop_signals` may name (farcluss.engine.signals handles them)
 STOP_SIGNAL_NAMES = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     #: training iterations (the poly schedule ends here)
-    iterations: int = 1000
+    iterations: int = bounded(1000, gt=0)
     #: labeled images per process per iteration
-    batch_size: int = 8
+    batch_size: int = bounded(8, gt=0)
     #: unlabeled images per process per iteration; None → batch_size
-    unlabeled_batch_size: Optional[int] = None
+    unlabeled_batch_size: Optional[int] = bounded(None, gt=0)
     #: base learning rate of the backbone (SGD)
-    lr: float = 0.001
+    lr: float = bounded(0.001, gt=0)
     #: learning-rate factor of everything that is not the backbone
-    head_lr_multiplier: float = 10.0
+    head_lr_multiplier: float = bounded(10.0, gt=0)
     #: SGD momentum
-    momentum: float = 0.9
+    momentum: float = bounded(0.9, ge=0, lt=1)
     #: SGD weight decay
-    weight_decay: float = 1e-4
+    weight_decay: float = bounded(1e-4, ge=0)
     #: lr_t = lr (1 - t/T)^power
     poly_power: float = 0.9
     #: supervised loss: ce | ohem
     loss: Literal["ce", "ohem"] = "ce"
     #: OHEM keeps pixels whose true-class probability is below this
-    ohem_threshold: float = 0.7
+    ohem_threshold: float = bounded(0.7, gt=0, le=1)
     #: OHEM keeps at least this many pixels per batch
-    ohem_min_kept: int = 200000
+    ohem_min_kept: int = bounded(200000, ge=0)
     #: seed of model init, data order, augmentation
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     #: evaluate teacher and student every N iterations (and at the end)
-    eval_interval: int = 500
+    eval_interval: int = bounded(500, gt=0)
     #: write a train line to metrics.jsonl every N iterations
-    log_interval: int = 20
+    log_interval: int = bounded(20, gt=0)
     #: write checkpoints/last.pt every N iterations (and at the end)
-    checkpoint_interval: int = 500
+    checkpoint_interval: int = bounded(500, gt=0)
     #: auto | cpu | cuda | cuda:N
     device: str = "auto"
     #: data-loader worker processes per training process
-    num_workers: int = 2
+    num_workers: int = bounded(2, ge=0)
     #: mixed precision: off | auto (bf16 on CPUs with AVX-512 BF16 or AMX, where it is ~2x faster; fp32 elsewhere and on CUDA) | bf16 | fp16 (CUDA, with a GradScaler)
     amp: Literal["off", "auto", "bf16", "fp16"] = "auto"
     #: NHWC memory layout (faster convolutions on recent GPUs)
@@ -231,24 +298,24 @@ class TrainConfig:
     stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
     #: seconds a collective waits for the other ranks before the run fails (a rank that died
     #: or hangs); under DDP only
-    dist_timeout: float = 1800.0
+    dist_timeout: float = bounded(1800.0, gt=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     #: whole image | center_crop | sliding window
     mode: Literal["whole", "center_crop", "sliding"] = "whole"
     #: window of sliding / centre-crop evaluation; None → data.crop_size
-    crop_size: Optional[int] = None
+    crop_size: Optional[int] = bounded(None, gt=0)
     #: sliding-window stride as a fraction of the window
-    stride_ratio: float = 2.0 / 3.0
+    stride_ratio: float = bounded(2.0 / 3.0, gt=0, le=1)
     #: which model `farcluss eval` and `predict` use when the checkpoint has both
     model: Literal["teacher", "student"] = "teacher"
     #: None: every validation image; N: the first N (quick looks during training)
-    max_images: Optional[int] = None
+    max_images: Optional[int] = bounded(None, gt=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -382,7 +449,8 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
         raise ConfigError(
             f"config key '{key}' must be {_type_name(hints[name])}, got {value!r}"
         ) from None
-    setattr(getattr(cfg, section), name, coerced)
+    # the loaded config is frozen; only the loader writes its fields
+    object.__setattr__(getattr(cfg, section), name, coerced)
 
 
 def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -475,15 +543,16 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
-    d, m, a, t, e = cfg.data, cfg.model, cfg.method, cfg.train, cfg.eval
-    _require(d.crop_size > 0, "data.crop_size", "must be positive")
-    _require(0 < d.scale_range[0] <= d.scale_range[1], "data.scale_range", "must be 0 < low <= high")
-    _require(0 <= d.flip_prob <= 1, "data.flip_prob", "must be in [0, 1]")
-    _require(0 <= d.ignore_index <= 255, "data.ignore_index", "must be in [0, 255]")
-    _require(all(s > 0 for s in d.std), "data.std", "must be positive")
+    """Every declared range (`bounded` fields), then the cross-field checks types and ranges
+    alone cannot express."""
+    for section in SECTIONS:
+        values = getattr(cfg, section)
+        for name, bounds in field_bounds(type(values)).items():
+            value = getattr(values, name)
+            if value is not None:
+                _require(bounds.admits(value), f"{section}.{name}", f"must be {bounds.describe()}")
+    d, a, t = cfg.data, cfg.method, cfg.train
     if d.num_classes is not None:
-        _require(d.num_classes >= 2, "data.num_classes", "must be at least 2")
         _require(d.num_classes <= d.ignore_index or d.ignore_index < 0, "data.num_classes",
                  f"must not reach the ignore label {d.ignore_index}")
     if isinstance(d.classes, list):
@@ -491,79 +560,27 @@ def validate(cfg: Config) -> None:
         if d.num_classes is not None:
             _require(len(d.classes) == d.num_classes, "data.classes",
                      f"lists {len(d.classes)} classes but data.num_classes is {d.num_classes}")
-    _require(m.base_width >= 4, "model.base_width", "must be at least 4")
-    _require(0 <= a.ema_momentum <= 1, "method.ema_momentum", "must be in [0, 1]")
-    _require(a.lambda_u >= 0, "method.lambda_u", "must be >= 0")
-    _require(a.warmup_iterations >= 0, "method.warmup_iterations", "must be >= 0")
-    _require(0 <= a.ramp <= 1, "method.ramp", "must be in [0, 1]")
+    m = cfg.model
+    if m.deep_stem and m.stem_width is not None:
+        _require(m.stem_width % 2 == 0, "model.stem_width", "must be even (the deep stem halves it)")
     if a.strong_views is not None:
         _require(a.strong_views in (1, 2), "method.strong_views", "must be 1 or 2")
-    _require(0 <= a.fp_share < 1, "method.fp_share", "must be in [0, 1)")
-    _require(0 <= a.fp_drop_prob < 1, "method.fp_drop_prob", "must be in [0, 1)")
-    _require(0 <= a.fp_keep_prob <= 1, "method.fp_keep_prob", "must be in [0, 1]")
     skeleton = resolved_skeleton(cfg)
     if skeleton.feature_perturbation == "complementary":
         _require(skeleton.strong_views == 2, "method.feature_perturbation",
                  "complementary needs method.strong_views=2 (the masks pair the two views)")
-    if a.threshold is not None:
-        _require(0 <= a.threshold < 1, "method.threshold", "must be in [0, 1)")
-    _require(a.top_k >= 1, "method.top_k", "must be >= 1")
     n_classes = cfg.num_classes_hint()
     if n_classes is not None:
         _require(a.top_k <= n_classes, "method.top_k",
                  f"is {a.top_k} but there are only {n_classes} classes")
-    _require(a.temperature > 0, "method.temperature", "must be > 0")
-    _require(a.weighting_beta > 0, "method.weighting_beta", "must be > 0")
-    _require(a.weighting_gamma > 0, "method.weighting_gamma", "must be > 0")
-    _require(a.rebalance_alpha >= 0, "method.rebalance_alpha", "must be >= 0")
-    _require(0 < a.rebalance_clip[0] <= 1 <= a.rebalance_clip[1], "method.rebalance_clip",
+    # the clip keeps w = 1 (a class at its expected frequency) reachable
+    _require(a.rebalance_clip[0] <= 1 <= a.rebalance_clip[1], "method.rebalance_clip",
              "must be [low, high] with 0 < low <= 1 <= high")
-    _require(0 <= a.rebalance_momentum < 1, "method.rebalance_momentum", "must be in [0, 1)")
-    _require(a.lambda_c >= 0, "method.lambda_c", "must be >= 0")
-    _require(a.contrastive_temperature > 0, "method.contrastive_temperature", "must be > 0")
-    _require(a.max_pixels_per_class >= 1, "method.max_pixels_per_class", "must be >= 1")
-    _require(a.projection_dim >= 1, "method.projection_dim", "must be >= 1")
-    _require(0 <= a.prototype_momentum < 1, "method.prototype_momentum", "must be in [0, 1)")
-    # u(x) is in [0, 1]: 0 admits every pixel but perfectly uniform ones, 1 admits none
-    _require(0 <= a.contrastive_weight_threshold <= 1, "method.contrastive_weight_threshold",
-             "must be in [0, 1]")
-    for name in ("brightness", "contrast", "saturation"):
-        _require(getattr(cfg.augment, name) >= 0, f"augment.{name}", "must be >= 0")
-    _require(0 <= cfg.augment.hue <= 0.5, "augment.hue", "must be in [0, 0.5]")
-    for name in ("jitter_prob", "grayscale_prob", "blur_prob", "cutmix_prob"):
-        _require(0 <= getattr(cfg.augment, name) <= 1, f"augment.{name}", "must be in [0, 1]")
-    lo, hi = cfg.augment.blur_sigma
-    _require(0 < lo <= hi, "augment.blur_sigma", "must be 0 < low <= high")
-    lo, hi = cfg.augment.cutmix_area
-    _require(0 < lo <= hi < 1, "augment.cutmix_area", "must be 0 < low <= high < 1")
-    lo, hi = cfg.augment.cutmix_aspect
-    _require(0 < lo <= hi, "augment.cutmix_aspect", "must be 0 < low <= high")
-    _require(t.iterations > 0, "train.iterations", "must be positive")
-    _require(t.batch_size > 0, "train.batch_size", "must be positive")
-    if t.unlabeled_batch_size is not None:
-        _require(t.unlabeled_batch_size > 0, "train.unlabeled_batch_size", "must be positive")
-    _require(t.seed >= 0, "train.seed", "must be >= 0")
-    _require(t.lr > 0, "train.lr", "must be positive")
-    _require(t.head_lr_multiplier > 0, "train.head_lr_multiplier", "must be positive")
-    _require(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
-    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _require(0 < t.ohem_threshold <= 1, "train.ohem_threshold", "must be in (0, 1]")
-    _require(t.ohem_min_kept >= 0, "train.ohem_min_kept", "must be >= 0")
-    _require(t.eval_interval > 0, "train.eval_interval", "must be positive")
-    _require(t.log_interval > 0, "train.log_interval", "must be positive")
-    _require(t.checkpoint_interval > 0, "train.checkpoint_interval", "must be positive")
-    _require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
-    _require(t.dist_timeout > 0, "train.dist_timeout", "must be positive (seconds)")
     for name in t.stop_signals:
         _require(name in STOP_SIGNAL_NAMES, "train.stop_signals",
                  f"lists {name!r}; choose from {', '.join(STOP_SIGNAL_NAMES)}")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
              "train.device", "must be auto, cpu, cuda or cuda:N")
-    if e.crop_size is not None:
-        _require(e.crop_size > 0, "eval.crop_size", "must be positive")
-    _require(0 < e.stride_ratio <= 1, "eval.stride_ratio", "must be in (0, 1]")
-    if e.max_images is not None:
-        _require(e.max_images > 0, "eval.max_images", "must be positive")
 
 
 def resolved_threshold(cfg: Config) -> float:
@@ -632,10 +649,14 @@ def describe_schema() -> str:
     defaults = Config().to_dict()
     for section, cls in typing.get_type_hints(Config).items():
         docs = _field_docs(cls)
+        ranges = field_bounds(cls)
         for name, tp in typing.get_type_hints(cls).items():
             default = defaults[section][name]
             type_text = _type_name(tp).replace("|", "\\|")
-            meaning = docs.get(name, "").replace("|", "\\|")
+            meaning = docs.get(name, "")
+            if name in ranges:
+                meaning += f" (must be {ranges[name].describe()})"
+            meaning = meaning.replace("|", "\\|")
             lines.append(f"| `{section}.{name}` | {type_text} | `{default!r}` | {meaning} |")
     return "\n".join(lines)
 

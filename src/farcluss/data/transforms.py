@@ -70,13 +70,8 @@ class WeakAugment:
         ignore_index: int = 255,
     ):
         self.crop_height, self.crop_width = _pair(crop_size)
-        if self.crop_height < 1 or self.crop_width < 1:
-            raise ValueError(f"crop_size must be positive, got {crop_size}")
+        # the ranges are config's (data.crop_size, data.scale_range, data.flip_prob)
         low, high = scale_range
-        if not 0 < low <= high:
-            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
-        if not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"flip_prob must lie in [0, 1], got {flip_prob}")
         self.scale_range = (float(low), float(high))
         self.flip_prob = float(flip_prob)
         self.mean = tuple(mean)

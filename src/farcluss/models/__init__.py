@@ -27,8 +27,6 @@ def build_model(num_classes: int, backbone: str = "resnet50", output_stride: int
     if output_stride not in OUTPUT_STRIDES:
         raise ConfigError(f"model.output_stride: must be one of "
                           f"{', '.join(map(str, OUTPUT_STRIDES))}, got {output_stride}")
-    if deep_stem and stem_width is not None and stem_width % 2:
-        raise ConfigError(f"model.stem_width: the deep stem needs an even width, got {stem_width}")
     model = DeepLabV3Plus(num_classes, backbone=backbone, output_stride=output_stride,
                           deep_stem=deep_stem, base_width=base_width, stem_width=stem_width,
                           projection_dim=projection_dim, projection_hidden=projection_hidden,
