@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from farcluss.config import (Bounds, Config, TrainConfig, field_bounds, all_keys, describe_schema, load_config, parse_override,
-                             resolved_threshold)
+from farcluss.config import (Bounds, Config, TrainConfig, all_keys, describe_schema, field_bounds,
+                             load_config, parse_override, resolved_threshold)
 from farcluss.errors import ConfigError
 
 

@@ -27,9 +27,12 @@ import torch
 
 from farcluss import file_kind
 from farcluss.errors import CheckpointError, one_line
+from farcluss.log import get_logger
 
 #: called with the temporary file's path after the bytes are handed to the file object and
 #: before they are flushed: tests set it to pause (and be killed) in the middle of a write
+logger = get_logger(__name__)
+
 _write_hook: Optional[Callable[[Path], None]] = None
 
 _TEMPORARY_SUFFIX = ".tmp"
@@ -392,6 +395,6 @@ def restore_rng_state(state: dict) -> None:
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
         else:
-            warnings.warn(f"the checkpoint holds {len(cuda_states)} CUDA generator states but "
-                          f"{torch.cuda.device_count()} devices are visible; CUDA randomness "
-                          "will not replay exactly", stacklevel=2)
+            logger.warning(f"the checkpoint holds {len(cuda_states)} CUDA generator states but "
+                           f"{torch.cuda.device_count()} devices are visible; CUDA randomness "
+                           "will not replay exactly")

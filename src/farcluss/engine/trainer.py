@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -30,10 +29,13 @@ from farcluss.engine.device import autocast_context, configure_backends, resolve
 from farcluss.engine.run_folder import RunFolder, to_loggable
 from farcluss.errors import CheckpointError, FarclussError
 from farcluss.evaluate import evaluate
-from farcluss.log import Progress
+from farcluss.log import Progress, get_logger
 from farcluss.methods import build_method
 from farcluss.methods.base import Batch, LossOutput
 from farcluss.models.pretrained import load_pretrained
+
+
+logger = get_logger(__name__)
 
 
 class TrainingError(FarclussError):
@@ -104,7 +106,7 @@ class Trainer:
         self.teacher = self.method.make_teacher(student)
         if self.env.is_main:
             for message in self.method.startup_warnings():
-                warnings.warn(message)
+                logger.warning(message)
         self.optimizer = build_optimizer(student, cfg.train.lr, cfg.train.head_lr_multiplier,
                                          cfg.train.momentum, cfg.train.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
@@ -223,9 +225,9 @@ class Trainer:
         else:
             own = rank_states[0]
             if self.env.is_main:
-                warnings.warn(f"{source} was written by {len(rank_states)} process(es), this run "
-                              f"has {self.env.world_size}: the random streams will not replay "
-                              "exactly", stacklevel=2)
+                logger.warning(f"{source} was written by {len(rank_states)} process(es), this run "
+                               f"has {self.env.world_size}: the random streams will not replay "
+                               "exactly")
         self.method.load_state_dict(own["method"])
         ckpt.restore_rng_state(own["rng"])
         self.resumed_from = self.iteration
