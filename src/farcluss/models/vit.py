@@ -17,6 +17,7 @@ reads.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -127,11 +128,12 @@ def bicubic_matrix(out_size, in_size: int, offset: float = 0.0, antialias: bool 
 
 
 def resample_pos_embed(table: Tensor, grid_h, grid_w, offset: float = 0.1,
-                       antialias: bool = False) -> Tensor:
+                       antialias: bool = False, grid: Optional[int] = None) -> Tensor:
     """A ``1 × M² × D`` patch positional table resampled to ``1 × (h·w) × D``, as the official
     ``interpolate_pos_encoding``: the table itself at the native M × M grid, else bicubic with
     scale factor (n + offset)/M on each axis."""
-    grid = int(round(table.shape[1] ** 0.5))
+    if grid is None:  # the table's side; a model passes it (a constant, also when traced)
+        grid = math.isqrt(int(table.shape[1]))
     dim = table.shape[-1]
     # the official code returns the table unchanged at the native grid (both sides); with an
     # offset of 0 the matrices are then the identity, so the shortcut is an offset of 0
@@ -231,6 +233,7 @@ class VisionTransformer(nn.Module):
         self.spec = spec
         self.embed_dim = spec.embed_dim
         self.out_indices = tuple(spec.out_indices)
+        self.pretrain_grid = pretrain_grid
         if max(self.out_indices) >= spec.depth:
             raise ValueError(f"out_indices {self.out_indices} exceed depth {spec.depth}")
         self.patch_embed = PatchEmbed(spec.embed_dim)
@@ -259,7 +262,7 @@ class VisionTransformer(nn.Module):
         """``1 × (1 + h·w) × D``: the class token's entry and the patch table resampled."""
         patches = resample_pos_embed(self.pos_embed[:, 1:], grid_h, grid_w,
                                      self.spec.interpolate_offset,
-                                     self.spec.interpolate_antialias)
+                                     self.spec.interpolate_antialias, self.pretrain_grid)
         return torch.cat([self.pos_embed[:, :1].float(), patches], dim=1)
 
     def tokens(self, images: Tensor) -> Tensor:
