@@ -126,3 +126,13 @@ def test_onnx_export_matches_at_two_other_sizes(tmp_path):
         (logits,) = session.run(["logits"], {"images": images.numpy()})
         assert logits.shape == expected.shape
         assert abs(logits - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("backbone", ["dinov2_vits14", "dinov2_vits14_reg"])
+def test_every_parameter_gets_a_gradient(backbone):
+    # DDP runs without find_unused_parameters: an unused parameter would stop it
+    torch.manual_seed(0)
+    model = build_model(3, backbone, vit_embed_dim=32, vit_depth=2, projection_dim=8).train()
+    logits, _, embeddings = model(torch.randn(2, 3, 28, 28), project_index=torch.tensor([1, 40]))
+    (logits.mean() + embeddings.sum()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []

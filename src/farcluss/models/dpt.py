@@ -58,15 +58,18 @@ class ResidualConvUnit(nn.Module):
 class FusionBlock(nn.Module):
     """RefineNet-style fusion: (coarser path + unit₁(skip)) → unit₂ → resize → 1x1 conv."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, with_skip: bool = True):
         super().__init__()
-        self.skip_unit = ResidualConvUnit(channels)
+        # the coarsest block has no skip input; V2 builds the unit anyway and leaves it unused
+        # (hence its find_unused_parameters=True); here it does not exist
+        self.skip_unit = ResidualConvUnit(channels) if with_skip else None
         self.unit = ResidualConvUnit(channels)
         self.out_conv = nn.Conv2d(channels, channels, kernel_size=1)
 
     def forward(self, path: Tensor, skip: Optional[Tensor] = None,
                 size: Optional[Sequence[int]] = None) -> Tensor:
         if skip is not None:
+            assert self.skip_unit is not None
             path = path + self.skip_unit(skip)
         path = self.unit(path)
         if size is None:
@@ -89,7 +92,8 @@ class DPTDecoder(nn.Module):
         ])
         self.layers_rn = nn.ModuleList(nn.Conv2d(c, features, kernel_size=3, padding=1,
                                                  bias=False) for c in reassemble)
-        self.fusion = nn.ModuleList(FusionBlock(features) for _ in range(4))
+        self.fusion = nn.ModuleList(FusionBlock(features, with_skip=index < 3)
+                                    for index in range(4))
         self.head_conv = nn.Conv2d(features, features, kernel_size=3, padding=1)
 
     def forward(self, tokens: List[Tensor], grid_h, grid_w) -> Tensor:
