@@ -66,6 +66,17 @@ VARIANTS: Dict[str, List[str]] = {
     # fixmatch's method object supplies the teacher, threshold and strong augmentation
     "unimatch_style": ["method.name=fixmatch"],
 }
+#: `--backbone dinov2_*`: UniMatch V2's step (EMA teacher, two strong views with complementary
+#: channel dropout, AdamW) on the DINOv2 + DPT and on a ResNet-101 DeepLabV3+ at the same crop,
+#: each with the encoder trained and frozen (`model.freeze_backbone`)
+V2_STEP = ["method.name=unimatch", "method.teacher=ema", "method.ema_momentum=0.996",
+           "method.feature_perturbation=complementary", "method.strong_views=2",
+           "train.optimizer=adamw", "train.lr=0.000005", "train.head_lr_multiplier=40",
+           "train.weight_decay=0.01"]
+BACKBONE_VARIANTS: Dict[str, List[str]] = {
+    "unimatch_v2": V2_STEP,
+    "unimatch_v2_frozen": V2_STEP + ["model.freeze_backbone=true"],
+}
 #: the variants of the crop and class-count sweeps (their difference is the contrastive cost)
 SWEEP_VARIANTS = ("fixmatch", "farcluss", "farcluss_no_contrastive")
 TARGETS = {"time_vs_fixmatch": 1.15, "time_vs_unimatch_style": 0.6,
@@ -113,7 +124,7 @@ def synthetic_batch(settings: Settings, device: torch.device) -> Batch:
 
 
 def build_trainer(variant: str, settings: Settings) -> Trainer:
-    cfg = load_config(None, settings.overrides() + VARIANTS[variant])
+    cfg = load_config(None, settings.overrides() + {**VARIANTS, **BACKBONE_VARIANTS}[variant])
     classes = [f"class{i}" for i in range(settings.classes)]
     # no run folder is written: the benchmark calls train_step, never fit
     return Trainer(cfg, Path(tempfile.gettempdir()) / "farcluss-step-cost-unused",
@@ -365,6 +376,57 @@ def sweep(settings_list: Sequence[Settings], warmup: int, iterations: int, threa
     return rows
 
 
+def run_backbones(args: argparse.Namespace) -> dict:
+    """`--backbone dinov2_*`: time, FLOPs and peak memory of UniMatch V2's step on the DINOv2 +
+    DPT and on ResNet-101 DeepLabV3+ (full width) at the same crop, trained and frozen."""
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    base = Settings(args.backbone, 64, args.crop, args.batch, args.classes, args.device, args.amp)
+    rows = [(f"{args.backbone} + DPT", variant, base) for variant in BACKBONE_VARIANTS]
+    rows += [("resnet101 + DeepLabV3+", variant, replace(base, backbone="resnet101"))
+             for variant in BACKBONE_VARIANTS]
+    steps = {f"{model}|{variant}": build_step(variant, settings)
+             for model, variant, settings in rows}
+    flops = {name: step_flops(step) for name, step in steps.items()}
+    seconds = median_step_seconds(steps, args.warmup, args.iterations, device)
+    del steps
+    gc.collect()
+    memory = measure_memory([(variant, settings) for _, variant, settings in rows], args.threads)
+    results = []
+    for (model, variant, settings), peak in zip(rows, memory):
+        name = f"{model}|{variant}"
+        trainer = build_trainer(variant, settings)
+        params = sum(p.numel() for p in trainer.student.parameters())
+        trainable = sum(p.numel() for p in trainer.student.parameters() if p.requires_grad)
+        del trainer
+        results.append({"model": model, "frozen_backbone": variant.endswith("_frozen"),
+                        "seconds_per_iteration": seconds[name], "flops_per_iteration": flops[name],
+                        "peak_memory_mb": peak, "parameters": params,
+                        "trainable_parameters": trainable})
+    return {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "settings": {**asdict(base), "iterations": args.iterations, "warmup": args.warmup,
+                         "threads": torch.get_num_threads(), "torch": torch.__version__},
+            "backbones": results, "wall_seconds": time.perf_counter() - started}
+
+
+def print_backbone_report(report: dict) -> None:
+    s = report["settings"]
+    print(f"step cost of UniMatch V2's step (EMA teacher, 2 strong views, complementary dropout, "
+          f"AdamW): crop {s['crop']}, batch {s['batch']} labeled + {s['batch']} unlabeled, "
+          f"{s['classes']} classes, {s['device']}, amp {s['amp']}, {s['threads']} thread(s); "
+          f"median of {s['iterations']} iterations")
+    header = (f"{'model':<26} {'encoder':<8} {'params M':>9} {'trained M':>10} {'s/iter':>8} "
+              f"{'GFLOP/it':>9} {'peak MB':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in report["backbones"]:
+        print(f"{r['model']:<26} {'frozen' if r['frozen_backbone'] else 'trained':<8} "
+              f"{r['parameters'] / 1e6:>9.1f} {r['trainable_parameters'] / 1e6:>10.1f} "
+              f"{r['seconds_per_iteration']:>8.3f} {r['flops_per_iteration'] / 1e9:>9.1f} "
+              f"{_fmt(r['peak_memory_mb'], '8.1f'):>8}")
+    print(f"benchmark wall time {report['wall_seconds']:.0f} s")
+
+
 def run(args: argparse.Namespace) -> dict:
     settings = Settings(args.backbone, args.base_width, args.crop, args.batch, args.classes,
                         args.device, args.amp)
@@ -519,7 +581,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet18",
-                        choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+                        choices=["resnet18", "resnet34", "resnet50", "resnet101",
+                                 "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14"],
+                        help="a DINOv2 backbone compares UniMatch V2's step on it (+ DPT) with "
+                             "ResNet-101 DeepLabV3+ at the same crop, encoder trained and frozen")
     parser.add_argument("--base-width", type=int, default=16,
                         help="channels of the first ResNet stage (64 = the standard network)")
     parser.add_argument("--crop", type=int, default=64, help="square crop side in pixels")
@@ -551,8 +616,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.amp == "fp16" and not args.device.startswith("cuda"):
         parser.error("--amp fp16 needs CUDA; use bf16 on CPU")
-    report = run(args)
-    print_report(report)
+    if args.backbone.startswith("dinov2"):
+        report = run_backbones(args)
+        print_backbone_report(report)
+    else:
+        report = run(args)
+        print_report(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -120,3 +120,39 @@ def test_r50_and_r101_recipes_differ_only_in_the_backbone(dataset, cells):
                 assert r50[section] == r101[section], (cell, section)
         changed = {key for key in r50["model"] if r50["model"][key] != r101["model"][key]}
         assert changed == {"backbone", "pretrained"}
+
+
+# UniMatch V2's DINOv2 protocol: global batch 16 + 16 and 60 epochs on VOC, 8 + 8 and 180 on
+# Cityscapes; iterations = epochs × floor((total − labeled) / global unlabeled batch)
+V2_VOC = {"classic_92": 60 * 655, "classic_183": 60 * 649, "classic_366": 60 * 638,
+          "classic_732": 60 * 615, "classic_1464": 60 * 569}
+V2_CITYSCAPES = {"1_16": 180 * 348, "1_8": 180 * 325, "1_4": 180 * 278, "1_2": 180 * 185}
+
+
+@pytest.mark.parametrize("dataset,cell,method", [
+    (dataset, cell, method) for dataset, cells in (("voc", V2_VOC), ("cityscapes", V2_CITYSCAPES))
+    for cell in cells for method in ("farcluss", "unimatch")], ids=str)
+def test_dinov2_recipes_follow_unimatch_v2(dataset, cell, method):
+    from farcluss.config import Skeleton, resolved_arch, resolved_skeleton, resolved_threshold
+
+    suffix = "_unimatch" if method == "unimatch" else ""
+    cfg = load_config(CONFIGS / dataset / f"{cell}_vitb14{suffix}.yaml")
+    d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
+    is_voc = dataset == "voc"
+    assert (m.backbone, resolved_arch(cfg), m.freeze_backbone) == ("dinov2_vitb14", "dpt", False)
+    assert m.pretrained == "pretrained/dinov2_vitb14_pretrain.pth"
+    assert (t.optimizer, t.lr, t.head_lr_multiplier, t.weight_decay, t.betas, t.poly_power) == (
+        "adamw", 5e-6, 40.0, 0.01, (0.9, 0.999), 0.9)
+    per_gpu = 4 if is_voc else 2
+    assert (t.batch_size, t.unlabeled_batch_size) == (per_gpu, per_gpu)
+    assert t.iterations == (V2_VOC if is_voc else V2_CITYSCAPES)[cell]
+    assert d.crop_size == (518 if is_voc else 798)
+    assert (t.loss, e.mode) == (("ce", "whole") if is_voc else ("ohem", "sliding"))
+    assert cfg.method.name == method and cfg.method.ema_momentum == 0.996
+    if method == "unimatch":
+        assert resolved_skeleton(cfg) == Skeleton("ema", 2, "complementary")
+        assert (resolved_threshold(cfg), cfg.method.ramp) == (0.95, 0.0)
+    # the FARCLUSS and UniMatch cells differ in the method alone
+    other = load_config(CONFIGS / dataset / f"{cell}_vitb14{'' if suffix else '_unimatch'}.yaml")
+    for section in ("data", "model", "train", "eval", "augment"):
+        assert cfg.to_dict()[section] == other.to_dict()[section], section

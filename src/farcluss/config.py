@@ -123,9 +123,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    #: ResNet depth of the DeepLabV3+ encoder
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
-    #: encoder output stride (dilation replaces stride in the last stage(s))
+    #: encoder: a ResNet (DeepLabV3+) or a DINOv2 ViT/14 (DPT), S/B/L, `_reg` with 4 register tokens
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "dinov2_vits14",
+                      "dinov2_vitb14", "dinov2_vitl14", "dinov2_vits14_reg", "dinov2_vitb14_reg",
+                      "dinov2_vitl14_reg"] = "resnet50"
+    #: segmentation model: auto (ResNet → deeplabv3plus, DINOv2 → dpt) | deeplabv3plus | dpt
+    arch: Literal["auto", "deeplabv3plus", "dpt"] = "auto"
+    #: train the head only: the encoder keeps its (pretrained) weights, gets no gradient and stays out of the optimizer (and its checkpointed state)
+    freeze_backbone: bool = False
+    #: DINOv2 width override (tiny test models; heads = width / 64, at least 1); None = the variant's
+    vit_embed_dim: Optional[int] = None
+    #: DINOv2 depth override (tiny test models; the DPT reads the last block of each quarter); None = the variant's
+    vit_depth: Optional[int] = bounded(None, ge=1)
+    #: ResNet encoder output stride (dilation replaces stride in the last stage(s)); a ViT has patch stride 14
     output_stride: Literal[8, 16] = 16
     #: three 3x3 convs instead of the 7x7 stem (ResNet-v1c, used by UniMatch/mmseg weights)
     deep_stem: bool = False
@@ -247,13 +257,17 @@ class TrainConfig:
     batch_size: int = bounded(8, gt=0)
     #: unlabeled images per process per iteration; None → batch_size
     unlabeled_batch_size: Optional[int] = bounded(None, gt=0)
-    #: base learning rate of the backbone (SGD)
+    #: sgd (momentum, DeepLab recipes) | adamw (decoupled weight decay, UniMatch V2's DINOv2 recipes)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    #: base learning rate of the backbone
     lr: float = bounded(0.001, gt=0)
     #: learning-rate factor of everything that is not the backbone
     head_lr_multiplier: float = bounded(10.0, gt=0)
     #: SGD momentum
     momentum: float = bounded(0.9, ge=0, lt=1)
-    #: SGD weight decay
+    #: AdamW (beta1, beta2)
+    betas: Tuple[float, float] = bounded((0.9, 0.999), ge=0, lt=1)
+    #: weight decay (SGD: L2 in the gradient; AdamW: decoupled, V2 uses 0.01)
     weight_decay: float = bounded(1e-4, ge=0)
     #: lr_t = lr (1 - t/T)^power
     poly_power: float = 0.9
@@ -563,6 +577,19 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     if m.deep_stem and m.stem_width is not None:
         _require(m.stem_width % 2 == 0, "model.stem_width", "must be even (the deep stem halves it)")
+    arch = resolved_arch(cfg)
+    vit = m.backbone.startswith("dinov2")
+    if m.arch != "auto":
+        _require(arch == ("dpt" if vit else "deeplabv3plus"), "model.arch",
+                 f"is {m.arch}, which does not take the {m.backbone} backbone "
+                 f"({'dpt' if vit else 'deeplabv3plus'} does; or model.arch=auto)")
+    if m.vit_embed_dim is not None:
+        _require(vit, "model.vit_embed_dim", "applies to dinov2 backbones only")
+        heads = max(1, m.vit_embed_dim // 64)
+        _require(m.vit_embed_dim >= 8 and m.vit_embed_dim % heads == 0, "model.vit_embed_dim",
+                 f"must be >= 8 and divisible by its {heads} head(s) of 64 channels")
+    if m.vit_depth is not None:
+        _require(vit, "model.vit_depth", "applies to dinov2 backbones only")
     if a.strong_views is not None:
         _require(a.strong_views in (1, 2), "method.strong_views", "must be 1 or 2")
     skeleton = resolved_skeleton(cfg)
@@ -581,6 +608,20 @@ def validate(cfg: Config) -> None:
                  f"lists {name!r}; choose from {', '.join(STOP_SIGNAL_NAMES)}")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
              "train.device", "must be auto, cpu, cuda or cuda:N")
+
+
+def resolved_arch(cfg: Config) -> str:
+    """The segmentation model in force: explicit, else DPT for a DINOv2 encoder and DeepLabV3+
+    for a ResNet."""
+    if cfg.model.arch != "auto":
+        return cfg.model.arch
+    return "dpt" if cfg.model.backbone.startswith("dinov2") else "deeplabv3plus"
+
+
+def input_stride(cfg: Config) -> int:
+    """What whole-image inference pads an image to a multiple of: the ResNet's output stride,
+    or the ViT's patch size (14)."""
+    return 14 if resolved_arch(cfg) == "dpt" else cfg.model.output_stride
 
 
 def resolved_threshold(cfg: Config) -> float:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from farcluss.cli_args import add_checkpoint_args
+from farcluss.config import input_stride
 from farcluss.errors import ConfigError, FarclussError, one_line
 from farcluss.inference import load_trained_model
 
@@ -199,7 +200,7 @@ def export_checkpoint(checkpoint: PathLike, out: PathLike, model_name: str = "te
         side = saved_cfg.eval.crop_size or saved_cfg.data.crop_size
         size = (side, side)
     return export_onnx(model, out, size=size, opset=opset,
-                       output_stride=saved_cfg.model.output_stride, mean=saved_cfg.data.mean,
+                       output_stride=input_stride(saved_cfg), mean=saved_cfg.data.mean,
                        std=saved_cfg.data.std, class_names=classes, tolerance=tolerance)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from farcluss.config import Config, config_from_dict
+from farcluss.config import Config, config_from_dict, input_stride
 from farcluss.data.build import build_data, eval_loader
 from farcluss.data.io import load_image, load_mask
 from farcluss.data.splits import Sample
@@ -93,7 +93,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, model_name: Optional[str] 
     return evaluate(model, loader, num_classes, mode=e.mode,
                     crop_size=e.crop_size or cfg.data.crop_size, stride_ratio=e.stride_ratio,
                     ignore_index=cfg.data.ignore_index, device=device,
-                    class_names=data.classes, output_stride=saved_cfg.model.output_stride,
+                    class_names=data.classes, output_stride=input_stride(saved_cfg),
                     progress=progress)
 
 
@@ -119,7 +119,7 @@ def predict_masks(model: nn.Module, cfg: Config, images: Sequence[np.ndarray],
         for image in images:
             batch = image_to_tensor(image, d.mean, d.std).unsqueeze(0).to(device)
             probs, (rows, cols) = predict(model, batch, e.mode, e.crop_size or d.crop_size,
-                                          cfg.model.output_stride, e.stride_ratio)
+                                          input_stride(cfg), e.stride_ratio)
             full = np.full(image.shape[:2], d.ignore_index, np.int64)
             full[rows, cols] = probs.argmax(dim=1)[0].cpu().numpy()
             masks.append(full)

@@ -30,7 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from farcluss.cli_args import add_checkpoint_args, non_negative_int, positive_int
-from farcluss.config import Config
+from farcluss.config import Config, input_stride
 from farcluss.data.io import load_image
 from farcluss.data.transforms import image_to_tensor
 from farcluss.errors import ConfigError, FarclussError, one_line
@@ -195,7 +195,7 @@ class SegmentationPredictor:
         self.model = model.eval()
         self.device = device
         self.sliding_size = sliding_size
-        self.output_stride = saved_cfg.model.output_stride
+        self.output_stride = input_stride(saved_cfg)
         self.stride_ratio = saved_cfg.eval.stride_ratio
         self.mean = tuple(saved_cfg.data.mean)
         self.std = tuple(saved_cfg.data.std)

@@ -224,3 +224,102 @@ def test_registry_name_for_another_architecture_fails_before_download(tmp_path, 
 def test_unknown_source_is_an_error(tmp_path):
     with pytest.raises(CheckpointError, match="model.pretrained.*no_such_file.pth"):
         load_pretrained(tiny_backbone(seed=0), str(tmp_path / "no_such_file.pth"))
+
+
+# ---- DINOv2 ------------------------------------------------------------------------------------
+def tiny_dpt(seed, backbone="dinov2_vits14"):
+    torch.manual_seed(seed)
+    return build_model(3, backbone, vit_embed_dim=32, vit_depth=2)
+
+
+def official_dinov2_state(model):
+    """The encoder's weights as Meta's ``dinov2_vit*14_pretrain.pth`` holds them."""
+    state = dict(model.backbone.state_dict())
+    state["mask_token"] = torch.zeros(1, model.backbone.embed_dim)
+    return state
+
+
+def hf_dinov2_state(model):
+    """The same weights in the Hugging Face ``Dinov2Model`` layout (``facebook/dinov2-*``)."""
+    official = model.backbone.state_dict()
+    hf = {"embeddings.cls_token": official["cls_token"],
+          "embeddings.mask_token": torch.zeros(1, model.backbone.embed_dim),
+          "embeddings.position_embeddings": official["pos_embed"],
+          "layernorm.weight": official["norm.weight"], "layernorm.bias": official["norm.bias"]}
+    for kind in ("weight", "bias"):
+        hf[f"embeddings.patch_embeddings.projection.{kind}"] = official[f"patch_embed.proj.{kind}"]
+    for i in range(len(model.backbone.blocks)):
+        b, e = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            for part, tensor in zip(("query", "key", "value"),
+                                    official[b + f"attn.qkv.{kind}"].chunk(3)):
+                hf[e + f"attention.attention.{part}.{kind}"] = tensor
+            hf[e + f"attention.output.dense.{kind}"] = official[b + f"attn.proj.{kind}"]
+            for part in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+                hf[e + f"{part}.{kind}"] = official[b + f"{part}.{kind}"]
+        hf[e + "layer_scale1.lambda1"] = official[b + "ls1.gamma"]
+        hf[e + "layer_scale2.lambda1"] = official[b + "ls2.gamma"]
+    return hf
+
+
+@pytest.mark.parametrize("layout,make", [("DINOv2 official", official_dinov2_state),
+                                         ("Hugging Face DINOv2", hf_dinov2_state)])
+def test_dinov2_layouts_load_strictly(tmp_path, layout, make):
+    source, target = tiny_dpt(seed=1), tiny_dpt(seed=2)
+    path = tmp_path / "dinov2.pth"
+    torch.save({"model": make(source)}, path)
+    report = load_pretrained(target, path)
+    assert report["layout"] == layout
+    assert report["dropped_keys"] == ["mask_token"]
+    assert_same_weights(target.backbone, source.backbone)
+    # the head is not touched
+    assert not torch.equal(target.classifier.weight, source.classifier.weight)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s.pop("blocks.1.ls2.gamma"), "missing keys: blocks.1.ls2.gamma"),
+    (lambda s: s.update({"blocks.2.norm1.weight": torch.ones(32)}),
+     "unexpected keys: blocks.2.norm1.weight"),
+    (lambda s: s.update({"pos_embed": torch.zeros(1, 257, 32)}), r"pos_embed has shape \(1, 257, 32\)"),
+])
+def test_dinov2_key_errors_name_the_keys(tmp_path, edit, message):
+    state = official_dinov2_state(tiny_dpt(seed=1))
+    edit(state)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_pretrained(tiny_dpt(seed=2), tmp_path / "bad.pth")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_resnet_file_into_a_vit_names_the_keys(tmp_path):
+    torch.save(torchvision_state(tiny_backbone(seed=0)), tmp_path / "resnet.pth")
+    with pytest.raises(CheckpointError, match="DINOv2 ViT/14.*missing keys: blocks.0"):
+        load_pretrained(tiny_dpt(seed=0), tmp_path / "resnet.pth")
+
+
+def test_dinov2_registry_has_the_official_urls(tmp_path, monkeypatch):
+    calls = []
+
+    def unreachable(url, dst, hash_prefix=None, progress=True):
+        calls.append(url)
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    for name, file in [("dinov2_vitb14", "dinov2_vitb14/dinov2_vitb14_pretrain.pth"),
+                       ("dinov2_vitl14_reg", "dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth")]:
+        with pytest.raises(CheckpointError, match="download failed"):
+            load_pretrained(_full_width_stub(name), name)
+        assert calls[-1] == f"https://dl.fbaipublicfiles.com/dinov2/{file}"
+    # a tiny ViT is not the registry's variant: refused before any download
+    with pytest.raises(CheckpointError, match="'dinov2_vits14' holds weights for DINOv2"):
+        load_pretrained(tiny_dpt(seed=0), "dinov2_vits14")
+    assert len(calls) == 2
+
+
+def _full_width_stub(name):
+    """A ViT with the registry spec (checked before the download) but no weights allocated."""
+    from farcluss.models.vit import VIT_SPECS, VisionTransformer
+
+    with torch.device("meta"):
+        return VisionTransformer(VIT_SPECS[name])

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import farcluss
-from farcluss.config import Config
+from farcluss.config import Config, input_stride
 from farcluss.data.build import DataBundle, build_data, eval_loader
 from farcluss.data.datasets import SegmentationDataset
 from farcluss.data.sampler import InfiniteSampler
@@ -108,7 +108,8 @@ class Trainer:
             for message in self.method.startup_warnings():
                 logger.warning(message)
         self.optimizer = build_optimizer(student, cfg.train.lr, cfg.train.head_lr_multiplier,
-                                         cfg.train.momentum, cfg.train.weight_decay)
+                                         cfg.train.momentum, cfg.train.weight_decay,
+                                         cfg.train.optimizer, cfg.train.betas)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         if self.env.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -289,7 +290,7 @@ class Trainer:
                                stride_ratio=e.stride_ratio,
                                ignore_index=self.cfg.data.ignore_index, device=self.device,
                                reduce=all_reduce_sum, class_names=self.data.classes,
-                               output_stride=self.cfg.model.output_stride)
+                               output_stride=input_stride(self.cfg))
             results[name] = metrics
             self._log({"type": "eval", "iteration": self.iteration, "model": name,
                        "miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
@@ -325,6 +326,8 @@ class Trainer:
         set_poly_lr(self.optimizer, self.iteration, cfg.train.iterations, cfg.train.poly_power)
         self.method.before_step(self.iteration, self.student, self.teacher)
         self.student_ddp.train()
+        if getattr(self.student, "frozen_backbone", False):
+            self.student.backbone.eval()  # a frozen ResNet keeps its BatchNorm statistics too
         if cfg.train.freeze_bn:
             for module in self.student.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):

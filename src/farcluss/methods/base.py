@@ -120,6 +120,10 @@ class Method:
             base_width=m.base_width,
             stem_width=m.stem_width,
             projection_dim=self.projection_dim(),
+            arch=m.arch,
+            vit_embed_dim=m.vit_embed_dim,
+            vit_depth=m.vit_depth,
+            frozen_backbone=m.freeze_backbone,
         )
 
     # ---- the teacher's lifecycle (engine hooks) ---------------------------------------------

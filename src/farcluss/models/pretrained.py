@@ -10,8 +10,11 @@ Accepted layouts:
 - mmsegmentation ResNet-v1c (deep stem as ``stem.0/1/3/4/6/7``), identical to ours;
 - UniMatch / PSPNet "deep base" (``conv1.0/1/3/4/6`` + ``bn1``), mapped onto ``stem.*``; these
   files have a 128-channel stem, so build the model with ``stem_width=128``;
+- DINOv2 ViTs: the official ``dinov2_vit*14[_reg4]_pretrain.pth`` (our names; ``mask_token``, a
+  pre-training parameter, is dropped) and the Hugging Face ``facebook/dinov2-*`` layout
+  (``embeddings.*``, ``encoder.layer.N.*`` with separate query/key/value), mapped onto it;
 each optionally wrapped as ``{"state_dict": ...}`` / ``{"model": ...}`` and with ``module.`` /
-``backbone.`` key prefixes.
+``backbone.`` (and Hugging Face's ``dinov2.``) key prefixes.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 from ..engine.checkpoint import read_torch_file
 from ..errors import CheckpointError, one_line
 from .resnet import ResNet
+from .vit import VIT_SPECS, VisionTransformer, hf_to_official_keys, is_hf_layout
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +53,32 @@ class PretrainedWeights:
         return _architecture_name(self.depth, self.deep_stem, 64, self.stem_width)
 
 
-PRETRAINED_WEIGHTS: Dict[str, PretrainedWeights] = {
+@dataclass(frozen=True)
+class ViTWeights:
+    """A downloadable DINOv2 checkpoint and the variant (``models.vit.VIT_SPECS``) it fits."""
+
+    url: str
+    sha256: Optional[str]
+    backbone: str
+    description: str
+
+    def architecture(self) -> str:
+        return _vit_name(self.backbone, VIT_SPECS[self.backbone].embed_dim,
+                         VIT_SPECS[self.backbone].depth)
+
+
+_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
+
+
+def _dinov2_entry(size: str, registers: bool) -> ViTWeights:
+    name = f"dinov2_vit{size}14"
+    file = f"{name}_reg4_pretrain.pth" if registers else f"{name}_pretrain.pth"
+    # Meta publishes no hashes for these files
+    return ViTWeights(f"{_DINOV2_URL}/{name}/{file}", None, name + ("_reg" if registers else ""),
+                      "DINOv2 LVD-142M" + (" with registers" if registers else ""))
+
+
+PRETRAINED_WEIGHTS: Dict[str, Union[PretrainedWeights, ViTWeights]] = {
     # torchvision IMAGENET1K_V1; the 8 hex digits in the file name are the sha256 prefix
     "resnet18": PretrainedWeights("https://download.pytorch.org/models/resnet18-f37072fd.pth",
                                   "f37072fd", 18, False, 64, "torchvision ImageNet-1k"),
@@ -67,6 +96,9 @@ PRETRAINED_WEIGHTS: Dict[str, PretrainedWeights] = {
     "resnet101c": PretrainedWeights(
         "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth",
         None, 101, True, 64, "mmsegmentation ResNet-101-v1c ImageNet-1k"),
+    **{entry.backbone: entry for entry in (_dinov2_entry(size, registers)
+                                           for registers in (False, True)
+                                           for size in ("s", "b", "l"))},
 }
 
 # UniMatch/PSPNet deep stem: Sequential(conv, bn, relu, conv, bn, relu, conv) named conv1, then
@@ -76,6 +108,9 @@ _UNIMATCH_STEM_RENAMES = (("conv1.0.", "stem.0."), ("conv1.1.", "stem.1."),
                           ("conv1.6.", "stem.6."), ("bn1.", "stem.7."))
 _WRAPPER_KEYS = ("state_dict", "model")
 _KEY_PREFIXES = ("module.", "backbone.")
+_VIT_KEY_PREFIXES = ("module.", "backbone.", "dinov2.")
+#: official DINOv2 parameters a segmentation encoder does not use (masked-image pre-training)
+_VIT_DROPPED = ("mask_token",)
 _CLASSIFIER_PREFIX = "fc."
 
 
@@ -84,7 +119,8 @@ def load_pretrained(model_or_backbone: nn.Module, source: Union[str, os.PathLike
     """Load backbone weights from a local file, an http(s) URL or a name in ``PRETRAINED_WEIGHTS``.
 
     Args:
-        model_or_backbone: a ``ResNet`` or a model with a ``.backbone`` ResNet (DeepLabV3Plus).
+        model_or_backbone: a ``ResNet`` or ``VisionTransformer``, or a model with one as
+            ``.backbone`` (DeepLabV3Plus, DPT).
         source: file path, URL (downloaded once into ``torch.hub.get_dir()/checkpoints``) or name.
         sha256: expected sha256 of the file, full or a prefix; a registry entry supplies its own.
 
@@ -121,7 +157,10 @@ def load_pretrained(model_or_backbone: nn.Module, source: Union[str, os.PathLike
         raise CheckpointError(f"{path}: sha256 mismatch: expected {sha256}, got {actual_sha256}")
 
     raw_state = _read_tensor_dict(path)
-    state, dropped, layout = _to_backbone_keys(raw_state, path, backbone)
+    if isinstance(backbone, VisionTransformer):
+        state, dropped, layout = _to_vit_keys(raw_state)
+    else:
+        state, dropped, layout = _to_backbone_keys(raw_state, path, backbone)
     _check_matches(state, path, backbone)
     backbone.load_state_dict(state, strict=True)
     logger.info("loaded %d backbone tensors from %s (%s layout, sha256 %s)",
@@ -139,12 +178,41 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _find_backbone(model_or_backbone: nn.Module) -> ResNet:
+def _find_backbone(model_or_backbone: nn.Module) -> Union[ResNet, VisionTransformer]:
     backbone = getattr(model_or_backbone, "backbone", model_or_backbone)
-    if not isinstance(backbone, ResNet):
-        raise TypeError(f"expected a ResNet or a model with a ResNet .backbone, "
-                        f"got {type(model_or_backbone).__name__}")
+    if not isinstance(backbone, (ResNet, VisionTransformer)):
+        raise TypeError(f"expected a ResNet or VisionTransformer or a model with one as "
+                        f".backbone, got {type(model_or_backbone).__name__}")
     return backbone
+
+
+def _vit_name(backbone: str, embed_dim: int, depth: int) -> str:
+    spec = VIT_SPECS[backbone]
+    name = f"DINOv2 ViT/14 of width {embed_dim} and depth {depth}"
+    return name + (f" with {spec.num_register_tokens} registers"
+                   if spec.num_register_tokens else "")
+
+
+def _to_vit_keys(raw_state: Dict[str, torch.Tensor]
+                 ) -> Tuple[Dict[str, torch.Tensor], List[str], str]:
+    """Prefixes stripped, the Hugging Face layout renamed, ``mask_token`` dropped."""
+    state: Dict[str, torch.Tensor] = {}
+    for key, tensor in raw_state.items():
+        name = key
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _VIT_KEY_PREFIXES:
+                if name.startswith(prefix):
+                    name, stripped = name[len(prefix):], True
+        state[name] = tensor
+    layout = "DINOv2 official"
+    if is_hf_layout(list(state)):
+        state, layout = hf_to_official_keys(state), "Hugging Face DINOv2"
+    dropped = [key for key in state if key in _VIT_DROPPED]
+    for key in dropped:
+        del state[key]
+    return state, dropped, layout
 
 
 def _architecture_name(depth: int, deep_stem: bool, base_width: int,
@@ -157,7 +225,11 @@ def _architecture_name(depth: int, deep_stem: bool, base_width: int,
     return f"ResNet-{depth}" + (f" ({', '.join(details)})" if details else "")
 
 
-def _backbone_name(backbone: ResNet) -> str:
+def _backbone_name(backbone: Union[ResNet, VisionTransformer]) -> str:
+    if isinstance(backbone, VisionTransformer):
+        registers = backbone.spec.num_register_tokens
+        return (f"DINOv2 ViT/14 of width {backbone.embed_dim} and depth {len(backbone.blocks)}"
+                + (f" with {registers} registers" if registers else ""))
     return _architecture_name(backbone.depth, backbone.deep_stem, backbone.base_width,
                               backbone.stem_width)
 
@@ -169,8 +241,17 @@ def _normalise_hash(sha256: str) -> str:
     return sha256
 
 
-def _check_registry_fits(name: str, entry: PretrainedWeights, backbone: ResNet) -> None:
+def _check_registry_fits(name: str, entry: Union[PretrainedWeights, ViTWeights],
+                         backbone: Union[ResNet, VisionTransformer]) -> None:
     # fail before a download of ~100 MB that could never load
+    if isinstance(entry, ViTWeights) or isinstance(backbone, VisionTransformer):
+        fits = (isinstance(entry, ViTWeights) and isinstance(backbone, VisionTransformer)
+                and VIT_SPECS[entry.backbone] == backbone.spec)
+        if not fits:
+            raise CheckpointError(
+                f"model.pretrained: {name!r} holds weights for {entry.architecture()}, but the "
+                f"model backbone is {_backbone_name(backbone)}")
+        return
     fits = (entry.depth == backbone.depth and entry.deep_stem == backbone.deep_stem
             and backbone.base_width == 64
             and (not entry.deep_stem or backbone.stem_width == entry.stem_width))
@@ -275,8 +356,9 @@ def _format_keys(keys: Iterable[str], limit: int = 8) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _check_matches(state: Dict[str, torch.Tensor], path: str, backbone: ResNet) -> None:
-    if backbone.deep_stem and "stem.6.weight" in state:
+def _check_matches(state: Dict[str, torch.Tensor], path: str,
+                   backbone: Union[ResNet, VisionTransformer]) -> None:
+    if isinstance(backbone, ResNet) and backbone.deep_stem and "stem.6.weight" in state:
         # a stem of another width also changes layer1's input, so say this before listing keys
         file_stem_width = state["stem.6.weight"].shape[0]
         if file_stem_width != backbone.stem_width:
