@@ -118,6 +118,24 @@ class ProjectionHead(nn.Module):
             return F.normalize(embeddings, p=2.0, dim=1)
 
 
+def with_projections(projection: Optional["ProjectionHead"], logits: torch.Tensor,
+                     feature: torch.Tensor, project: bool, project_index: Optional[torch.Tensor]):
+    """The model contract's return value (docs/architecture.md, "Model"): ``(logits, feature)``,
+    plus the embeddings of the decoder pixels ``project_index`` names (``N × D``) or, with
+    ``project``, of the whole map (``B × D × h × w``). Shared by every segmentation model."""
+    if project_index is None and not project:
+        return logits, feature
+    if projection is None:
+        raise RuntimeError("this model has no projection head (projection_dim=0)")
+    if project_index is not None:
+        # gather from the B×C×(h·w) view: no copy of the whole decoder map
+        pixels_per_image = feature.shape[2] * feature.shape[3]
+        pixel_features = feature.flatten(2)[project_index // pixels_per_image, :,
+                                            project_index % pixels_per_image]
+        return logits, feature, projection.forward_pixels(pixel_features)
+    return logits, feature, projection(feature)
+
+
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ returning ``(logits, feature)``, or ``(logits, feature, embedding)`` with
     ``project=True``.
@@ -229,14 +247,4 @@ class DeepLabV3Plus(nn.Module):
         feature = self.decode(images, perturb)
         logits = F.interpolate(self.classifier(feature), size=images.shape[-2:], mode="bilinear",
                                align_corners=False)
-        if project_index is not None:
-            if self.projection is None:
-                raise RuntimeError("this model has no projection head (projection_dim=0)")
-            # gather from the B×C×(h·w) view: no copy of the whole decoder map
-            pixels_per_image = feature.shape[2] * feature.shape[3]
-            pixel_features = feature.flatten(2)[project_index // pixels_per_image, :,
-                                                project_index % pixels_per_image]
-            return logits, feature, self.projection.forward_pixels(pixel_features)
-        if project:
-            return logits, feature, self.project(feature)
-        return logits, feature
+        return with_projections(self.projection, logits, feature, project, project_index)

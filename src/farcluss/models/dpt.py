@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .deeplab import Perturb, ProjectionHead
+from .deeplab import Perturb, ProjectionHead, with_projections
 from .vit import PATCH_SIZE, VisionTransformer, vit_spec
 
 #: the decoder feature is this many times finer than the patch grid
@@ -191,13 +191,4 @@ class DPT(nn.Module):
                                mode="bilinear", align_corners=True)[..., :height, :width]
         rows, cols = self.feature_size(height, width)
         feature = padded_feature[..., :rows, :cols]
-        if project_index is not None:
-            if self.projection is None:
-                raise RuntimeError("this model has no projection head (projection_dim=0)")
-            pixels_per_image = feature.shape[2] * feature.shape[3]
-            pixel_features = feature.flatten(2)[project_index // pixels_per_image, :,
-                                                project_index % pixels_per_image]
-            return logits, feature, self.projection.forward_pixels(pixel_features)
-        if project:
-            return logits, feature, self.project(feature)
-        return logits, feature
+        return with_projections(self.projection, logits, feature, project, project_index)
