@@ -43,13 +43,17 @@ from farcluss.methods.base import Batch
 WORLD_SIZE = 2
 BATCH_PER_RANK = 1
 ITERATIONS = 3
-METHODS = ("fixmatch", "unimatch", "farcluss")
+# "<method>_dinov2": the method on a tiny DINOv2 ViT + DPT (no BatchNorm: W ranks × b ≡ 1 × W·b)
+METHODS = ("fixmatch", "unimatch", "farcluss", "unimatch_dinov2")
 
 
 def _overrides(root: Path, method: str, batch_size: int) -> list[str]:
+    method, _, backbone = method.partition("_")
+    model = (["model.backbone=dinov2_vits14", "model.vit_embed_dim=32", "model.vit_depth=2"]
+             if backbone == "dinov2" else ["model.backbone=resnet18", "model.base_width=8"])
     return [
         f"data.root={root}", "data.crop_size=32", "data.scale_range=[1,1]",
-        "model.backbone=resnet18", "model.base_width=8", f"method.name={method}",
+        *model, f"method.name={method}",
         f"train.iterations={ITERATIONS}", f"train.batch_size={batch_size}", "train.device=cpu",
         "train.num_workers=0", "train.eval_interval=1000", "train.log_interval=1",
         "train.checkpoint_interval=1000", "train.progress=false", "train.freeze_bn=true",
