@@ -11,9 +11,14 @@ from conftest import TINY_CLASSES, tiny_overrides, write_tiny_dataset
 from farcluss.bench import (
     full_label_list,
     labeled_pixel_counts,
+    T_975,
+    format_paired_table,
     mean_iou_over,
+    paired_difference,
+    paired_statistics,
     rarest_object_classes,
     summarize,
+    t_quantile_975,
 )
 from farcluss.cli import main
 from farcluss.config import load_config
@@ -110,13 +115,19 @@ def test_bench_accuracy_writes_the_results_document(tmp_path):
                  if not o.startswith(("data.root", "method.name"))]
     json_path = tmp_path / "results" / "bench.json"
     argv = ["bench", "accuracy", str(config), "--methods", "farcluss,supervised_full", "--seeds", "0",
-            "--json", str(json_path), "--out", str(tmp_path / "runs")]
+            "--json", str(json_path), "--out", str(tmp_path / "runs"), "--reference", "supervised_full"]
     for override in overrides:
         argv += ["--set", override]
     assert main(argv) == 0
 
     document = json.loads(json_path.read_text())
-    assert set(document) == {"results", "summary", "rare_classes", "config"}
+    assert set(document) == {"results", "summary", "rare_classes", "config", "paired"}
+    (paired,) = document["paired"]
+    assert paired["method"] == "farcluss" and paired["reference"] == "supervised_full"
+    assert paired["seeds"] == [0]
+    farcluss_run, full_run = document["results"]
+    assert paired["miou"]["differences"] == [pytest.approx(farcluss_run["miou"] - full_run["miou"])]
+    assert paired["miou"]["ci95_low"] is None  # one seed: no interval
     runs = [(r["method"], r["seed"]) for r in document["results"]]
     assert runs == [("farcluss", 0), ("supervised_full", 0)]
     for result in document["results"]:
@@ -147,3 +158,83 @@ def test_bench_rejects_an_unknown_method(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"data": {"root": str(root)}}))
     assert main(["bench", "accuracy", str(config), "--methods", "farcluss,mean_teacher"]) == 2
     assert "unknown method 'mean_teacher'" in capsys.readouterr().err
+
+
+# ---- paired statistics ------------------------------------------------------------------------
+
+def test_paired_difference_against_a_hand_computed_t_interval():
+    stats = paired_difference([34.0, 31.0, 36.0], [30.0, 30.0, 30.0])
+    # d = [4, 1, 6]; mean 11/3; deviations 1/3, −8/3, 7/3 → s² = (1 + 64 + 49)/9 / 2 = 19/3
+    # half-width t_{0.975, 2} · s/√3 = 4.3027 · √19 / 3
+    half = 4.3027 * math.sqrt(19) / 3
+    assert stats["differences"] == [4.0, 1.0, 6.0] and stats["n"] == 3
+    assert stats["mean"] == pytest.approx(11 / 3)
+    assert stats["std"] == pytest.approx(math.sqrt(19 / 3))
+    assert stats["t"] == 4.3027
+    assert stats["ci95_low"] == pytest.approx(11 / 3 - half)  # −2.585
+    assert stats["ci95_high"] == pytest.approx(11 / 3 + half)  # 9.918
+    assert stats["ci95_low"] == pytest.approx(-2.585, abs=1e-3)
+
+
+def test_paired_difference_drops_missing_pairs_and_needs_two_for_an_interval():
+    stats = paired_difference([2.0, None, 5.0], [1.0, 3.0, None])
+    assert stats["differences"] == [1.0] and stats["mean"] == 1.0
+    assert stats["std"] is None and stats["ci95_low"] is None and stats["ci95_high"] is None
+    assert paired_difference([], [])["mean"] is None
+    with pytest.raises(ValueError):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def _t_cdf(x: float, df: int, steps: int = 20000) -> float:
+    """P(T ≤ x) for Student's t by Simpson's rule on its density (independent of the table)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def pdf(t):
+        return math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+
+    h = x / steps
+    total = pdf(0.0) + pdf(x) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, steps))
+    return 0.5 + total * h / 3
+
+
+@pytest.mark.parametrize("df", sorted(T_975))
+def test_the_t_table_holds_the_975_quantiles(df):
+    assert _t_cdf(T_975[df], df) == pytest.approx(0.975, abs=1e-5)
+
+
+def test_t_quantile_between_entries_is_conservative_and_normal_beyond_120():
+    assert t_quantile_975(4) == 2.7764
+    assert t_quantile_975(35) == T_975[30] and t_quantile_975(35) > 2.0301  # exact t_{.975,35}
+    assert t_quantile_975(100) == T_975[60]
+    assert t_quantile_975(121) == 1.96
+    with pytest.raises(ValueError):
+        t_quantile_975(0)
+
+
+def test_paired_statistics_pair_by_seed_for_every_method_but_the_reference(capsys):
+    results = [
+        {"method": "unimatch", "seed": 0, "miou": 40.0, "rare_miou": 10.0},
+        {"method": "unimatch", "seed": 1, "miou": 44.0, "rare_miou": 12.0},
+        {"method": "farcluss", "seed": 1, "miou": 47.0, "rare_miou": 18.0},
+        {"method": "farcluss", "seed": 0, "miou": 41.0, "rare_miou": 14.0},
+        {"method": "fixmatch", "seed": 2, "miou": 30.0, "rare_miou": None},
+    ]
+    farcluss, fixmatch = paired_statistics(results, ["unimatch", "farcluss", "fixmatch"], "unimatch")
+    assert farcluss["seeds"] == [1, 0]
+    assert farcluss["miou"]["differences"] == [3.0, 1.0]
+    assert farcluss["rare_miou"]["differences"] == [6.0, 4.0]
+    # n = 2: mean 2, s = √2, half-width 12.7062 · √2/√2
+    assert farcluss["miou"]["ci95_low"] == pytest.approx(2 - 12.7062)
+    assert fixmatch["seeds"] == [] and fixmatch["miou"]["mean"] is None
+    table = format_paired_table([farcluss, fixmatch])
+    assert "paired differences to unimatch" in table
+    assert "+3.0 +1.0" in table and "n/a" in table.splitlines()[-1]
+
+
+def test_bench_reference_must_be_one_of_the_methods(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path / "tiny")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"data": {"root": str(root)}}))
+    assert main(["bench", "accuracy", str(config), "--methods", "farcluss,fixmatch",
+                 "--reference", "unimatch", "--out", str(tmp_path / "runs")]) == 2
+    assert "--reference unimatch is not among --methods" in capsys.readouterr().err

@@ -13,11 +13,19 @@ The results document (``OUT/bench_accuracy.json``, rewritten after every run, an
 
     {"results": [{"method", "seed", "miou", "rare_miou", "per_class_iou": {class: IoU}, "seconds"}],
      "summary": [{"method", "miou_mean", "miou_std", "rare_miou_mean"}],
-     "rare_classes": [names, rarest first], "config": {"path", "overrides", "iterations", "out", "resolved"}}
+     "rare_classes": [names, rarest first], "config": {"path", "overrides", "iterations", "out", "resolved"},
+     "paired": [{"method", "reference", "seeds", "miou": D, "rare_miou": D}]}   (--reference only)
+
+    D = {"differences": [per seed], "n", "mean", "std", "t", "ci95_low", "ci95_high"}
 
 mIoU is the final teacher's (the student's for the supervised methods), in percent; ``miou_std``
 is the sample standard deviation over seeds (null with one seed); ``seconds`` is the wall time
 of the whole training run, evaluations included.
+
+Paired statistics (``--reference METHOD``): a seed fixes the initialisation, the data order and
+the augmentation streams for every method, so two methods are compared seed by seed; the
+per-seed differences' mean and 95 % Student t-interval (`paired_difference`) say whether a lead
+is larger than the seed-to-seed spread, which the unpaired means ± std hide.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from farcluss.data.splits import Sample, read_split
 from farcluss.engine.trainer import Trainer
 from farcluss.errors import ConfigError, DataError, FarclussError
 
-BENCH_METHODS = ("supervised", "fixmatch", "farcluss", "supervised_full")
+BENCH_METHODS = ("supervised", "fixmatch", "unimatch", "farcluss", "supervised_full")
 DEFAULT_METHODS = BENCH_METHODS
 DEFAULT_SEEDS = (0, 1, 2)
 RARE_CLASS_COUNT = 3
@@ -198,6 +206,104 @@ def summarize(results: Sequence[dict], methods: Sequence[str]) -> List[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# Paired statistics
+# ---------------------------------------------------------------------------------------------
+
+#: Student t quantiles t_{0.975, df} for df = 1 … 30 (4 decimals, from the standard tables;
+#: scipy is not a dependency). Beyond 30 degrees of freedom the table goes on at df 40, 60 and
+#: 120, and a df between two entries takes the lower one, so an interval is never too narrow
+#: (at df 31 it is 1 % wider than exact); above 120 the normal quantile 1.96 is used.
+T_975 = {
+    1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.3646, 8: 2.3060,
+    9: 2.2622, 10: 2.2281, 11: 2.2010, 12: 2.1788, 13: 2.1604, 14: 2.1448, 15: 2.1314,
+    16: 2.1199, 17: 2.1098, 18: 2.1009, 19: 2.0930, 20: 2.0860, 21: 2.0796, 22: 2.0739,
+    23: 2.0687, 24: 2.0639, 25: 2.0595, 26: 2.0555, 27: 2.0518, 28: 2.0484, 29: 2.0452,
+    30: 2.0423, 40: 2.0211, 60: 2.0003, 120: 1.9799,
+}
+NORMAL_975 = 1.9600
+
+
+def t_quantile_975(df: int) -> float:
+    """t_{0.975, df}: the two-sided 95 % Student t quantile (`T_975`, conservative between
+    entries, 1.96 above df 120)."""
+    if df < 1:
+        raise ValueError(f"a t quantile needs df >= 1, got {df}")
+    if df > 120:
+        return NORMAL_975
+    return T_975[max(k for k in T_975 if k <= df)]
+
+
+def paired_difference(values: Sequence[Optional[float]],
+                      reference_values: Sequence[Optional[float]]) -> Dict[str, Any]:
+    """Per-seed differences d_i = values[i] − reference_values[i] (paired by position: the same
+    seed), their mean d̄ and a 95 % t-interval
+
+        d̄ ± t_{0.975, n−1} · s_d / √n,   s_d² = Σ (d_i − d̄)² / (n − 1).
+
+    A pair with a missing value (None) is left out. Returns ``{"differences", "n", "mean",
+    "std", "t", "ci95_low", "ci95_high"}``; std, t and the interval are None below two pairs,
+    the mean is None without any.
+    """
+    if len(values) != len(reference_values):
+        raise ValueError(f"{len(values)} values for {len(reference_values)} reference values")
+    differences = [float(v) - float(r) for v, r in zip(values, reference_values)
+                   if v is not None and r is not None]
+    n = len(differences)
+    mean = statistics.fmean(differences) if n else None
+    result: Dict[str, Any] = {"differences": differences, "n": n, "mean": mean, "std": None,
+                              "t": None, "ci95_low": None, "ci95_high": None}
+    if n >= 2:
+        std = statistics.stdev(differences)
+        t = t_quantile_975(n - 1)
+        half = t * std / (n ** 0.5)
+        result.update(std=std, t=t, ci95_low=mean - half, ci95_high=mean + half)
+    return result
+
+
+PAIRED_METRICS = ("miou", "rare_miou")
+
+
+def paired_statistics(results: Sequence[dict], methods: Sequence[str], reference: str
+                      ) -> List[dict]:
+    """For every method but `reference`: `paired_difference` of its mIoU and of its rare-class
+    mIoU to the reference's, over the seeds both have run."""
+    by_run = {(r["method"], r["seed"]): r for r in results}
+    rows = []
+    for method in methods:
+        if method == reference:
+            continue
+        seeds = [seed for (m, seed) in by_run if m == method and (reference, seed) in by_run]
+        row: Dict[str, Any] = {"method": method, "reference": reference, "seeds": seeds}
+        for metric in PAIRED_METRICS:
+            row[metric] = paired_difference([by_run[(method, s)][metric] for s in seeds],
+                                            [by_run[(reference, s)][metric] for s in seeds])
+        rows.append(row)
+    return rows
+
+
+def _interval(stats: Dict[str, Any]) -> str:
+    if stats["mean"] is None:
+        return f"{'n/a':>22}"
+    if stats["ci95_low"] is None:
+        return f"{stats['mean']:+7.2f} {'[n/a]':>14}"
+    return f"{stats['mean']:+7.2f} [{stats['ci95_low']:+6.2f}, {stats['ci95_high']:+6.2f}]"
+
+
+def format_paired_table(paired: Sequence[dict]) -> str:
+    """Per-seed differences to the reference, their mean and 95 % t-interval."""
+    if not paired:
+        return ""
+    reference = paired[0]["reference"]
+    lines = [f"paired differences to {reference} (same seed; mean [95 % t-interval])",
+             f"{'method':<16} {'mIoU Δ per seed':<24} {'mIoU Δ':>22}   {'rare Δ':>22}"]
+    for row in paired:
+        per_seed = " ".join(f"{d:+.1f}" for d in row["miou"]["differences"]) or "n/a"
+        lines.append(f"{row['method']:<16} {per_seed:<24} {_interval(row['miou'])}   "
+                     f"{_interval(row['rare_miou'])}")
+    return "\n".join(lines)
+
+
 def _num(value: Optional[float], width: int = 6) -> str:
     return f"{'n/a':>{width}}" if value is None else f"{value:{width}.2f}"
 
@@ -213,14 +319,18 @@ def format_accuracy_table(summary: Sequence[dict], rare_names: Sequence[str], se
 
 
 def run_accuracy(config_path, methods: Sequence[str] = DEFAULT_METHODS, seeds: Sequence[int] = DEFAULT_SEEDS,
-                 overrides: Sequence[str] = (), out_dir=None) -> Dict[str, Any]:
-    """Train every method × seed of a config at its iterations; returns the JSON document."""
+                 overrides: Sequence[str] = (), out_dir=None, reference: Optional[str] = None
+                 ) -> Dict[str, Any]:
+    """Train every method × seed of a config at its iterations; returns the JSON document
+    (with ``paired`` differences to `reference` when one is given)."""
     unknown = [m for m in methods if m not in BENCH_METHODS]
     if unknown:
         raise ConfigError(f"unknown method '{unknown[0]}' in --methods "
                           f"(choose from {', '.join(BENCH_METHODS)})")
     if not methods or not seeds:
         raise ConfigError("bench accuracy needs at least one method and one seed")
+    if reference is not None and reference not in methods:
+        raise ConfigError(f"--reference {reference} is not among --methods ({', '.join(methods)})")
     base = load_config(config_path, list(overrides))
     out = Path(out_dir) if out_dir is not None else Path("runs") / (
         f"bench-{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -235,8 +345,11 @@ def run_accuracy(config_path, methods: Sequence[str] = DEFAULT_METHODS, seeds: S
     results: List[dict] = []
 
     def document() -> Dict[str, Any]:
-        return {"results": results, "summary": summarize(results, methods),
-                "rare_classes": rare_names, "config": config_record}
+        doc = {"results": results, "summary": summarize(results, methods),
+               "rare_classes": rare_names, "config": config_record}
+        if reference is not None:
+            doc["paired"] = paired_statistics(results, methods, reference)
+        return doc
 
     total = len(methods) * len(seeds)
     for seed in seeds:
@@ -287,11 +400,14 @@ def write_json(path: Path, document: Dict[str, Any]) -> None:
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
-    document = run_accuracy(args.config, _csv(args.methods), args.seeds, args.overrides, args.out)
+    document = run_accuracy(args.config, _csv(args.methods), args.seeds, args.overrides, args.out,
+                            reference=args.reference)
     results_path = Path(document["config"]["out"]) / RESULTS_FILE
     if args.json:
         write_json(Path(args.json), document)
     print(format_accuracy_table(document["summary"], document["rare_classes"], args.seeds))
+    if "paired" in document:
+        print(format_paired_table(document["paired"]))
     print(f"results: {args.json or results_path}")
     return 0
 
@@ -305,6 +421,9 @@ def register_command(subparsers) -> None:
                    help=f"comma-separated, from {','.join(BENCH_METHODS)} (default all)")
     q.add_argument("--seeds", type=_seed_list, default=list(DEFAULT_SEEDS),
                    help="comma-separated (default 0,1,2)")
+    q.add_argument("--reference", default=None, metavar="METHOD",
+                   help="also report every other method's per-seed difference to this one, its "
+                        "mean and 95 %% t-interval (mIoU and rare-class mIoU)")
     q.add_argument("--json", default=None, help="also write the results document here")
     q.add_argument("--out", default=None, help="folder of the runs (default runs/bench-<config>-<time>)")
     add_overrides_arg(q, "for every run")
