@@ -6,11 +6,9 @@ each also as a ratio to `fixmatch` measured in the same run (issue 5 §3).
         --classes 21 --device cuda --amp bf16 --json runs/step_cost_r101.json
 
 Variants: `supervised`, `fixmatch`, `farcluss`, `farcluss_no_<component>` (fuzzy → K = 1,
-weighting → none, rebalance → off, contrastive → off) and `unimatch_style`, a UniMatch-like
-step written here: teacher on the weak view, the student's backbone once on labeled + weak
-images with channel dropout (p = 0.5) on the weak view's features before the decoder (the
-feature-perturbed view), and the student on two strong views; loss weights as UniMatch,
-(L_sup + ¼ L_s1 + ¼ L_s2 + ½ L_fp) / 2.
+weighting → none, rebalance → off, contrastive → off), `unimatch` (the engine's
+method.name=unimatch) and `farcluss_on_unimatch` (FARCLUSS on UniMatch's skeleton: online
+teacher, two strong views, feature dropout).
 
 How each figure is measured (benchmarks/README.md says more):
 - time: the trainer's own `train_step` (autocast, method losses, backward, SGD, EMA) on
@@ -46,13 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from farcluss.augment import apply_cutmix, cutmix_masks, cutmix_partners
-from farcluss.config import load_config, resolved_threshold
+from farcluss.config import load_config
 from farcluss.data.build import DataBundle
-from farcluss.engine.ema import ema_momentum, update_teacher
-from farcluss.engine.optim import set_poly_lr
-from farcluss.engine.trainer import Trainer, autocast_context
-from farcluss.methods.base import Batch, pixel_ce
+from farcluss.engine.trainer import Trainer
+from farcluss.methods.base import Batch
 
 #: variant name → config overrides (on top of the shared settings)
 VARIANTS: Dict[str, List[str]] = {
@@ -63,8 +58,11 @@ VARIANTS: Dict[str, List[str]] = {
     "farcluss_no_weighting": ["method.name=farcluss", "method.weighting=none"],
     "farcluss_no_rebalance": ["method.name=farcluss", "method.rebalance=off"],
     "farcluss_no_contrastive": ["method.name=farcluss", "method.contrastive=off"],
-    # fixmatch's method object supplies the teacher, threshold and strong augmentation
-    "unimatch_style": ["method.name=fixmatch"],
+    # the engine's UniMatch (V1: online teacher, two strong views, feature dropout) and
+    # FARCLUSS on that skeleton: their ratio is what FARCLUSS's components cost there
+    "unimatch": ["method.name=unimatch"],
+    "farcluss_on_unimatch": ["method.name=farcluss", "method.teacher=online",
+                             "method.strong_views=2", "method.feature_perturbation=dropout"],
 }
 #: `--backbone dinov2_*`: UniMatch V2's step (EMA teacher, two strong views with complementary
 #: channel dropout, AdamW) on the DINOv2 + DPT and on a ResNet-101 DeepLabV3+ at the same crop,
@@ -79,7 +77,7 @@ BACKBONE_VARIANTS: Dict[str, List[str]] = {
 }
 #: the variants of the crop and class-count sweeps (their difference is the contrastive cost)
 SWEEP_VARIANTS = ("fixmatch", "farcluss", "farcluss_no_contrastive")
-TARGETS = {"time_vs_fixmatch": 1.15, "time_vs_unimatch_style": 0.6,
+TARGETS = {"time_vs_fixmatch": 1.15, "time_vs_unimatch": 1.10,
            "extra_memory_vs_fixmatch": 0.05, "data_wait_fraction": 0.05}
 MIB = 2.0**20
 
@@ -131,69 +129,9 @@ def build_trainer(variant: str, settings: Settings) -> Trainer:
                    data=DataBundle(Path("."), classes, [], [], []), resume=False)
 
 
-def _strong_view(trainer: Trainer, batch: Batch, teacher_probs: torch.Tensor):
-    """One CutMixed strong view and its aligned teacher probabilities and valid mask."""
-    method, a = trainer.method, trainer.cfg.augment
-    images = batch.images_u_weak
-    b, _, h, w = images.shape
-    strong = method.strong_augment(images, method.generator)
-    box = cutmix_masks(b, h, w, prob=a.cutmix_prob, area=a.cutmix_area, aspect=a.cutmix_aspect,
-                       generator=method.generator, device=images.device)
-    partners = cutmix_partners(b, method.generator, device=images.device)
-    valid = apply_cutmix(batch.ignore_mask_u, box, partners) != trainer.cfg.data.ignore_index
-    return apply_cutmix(strong, box, partners), apply_cutmix(teacher_probs, box, partners), valid
-
-
-def _decode_features(model, low_level: torch.Tensor, high_level: torch.Tensor) -> torch.Tensor:
-    """DeepLabV3Plus.decode from backbone features (UniMatch perturbs them in between)."""
-    context = F.interpolate(model.aspp(high_level), size=low_level.shape[-2:], mode="bilinear",
-                            align_corners=False)
-    return model.fuse(torch.cat([context, model.reduce_low_level(low_level)], dim=1))
-
-
-def unimatch_style_step(trainer: Trainer, batch: Batch) -> None:
-    """A UniMatch-like iteration on the trainer's student, teacher and optimizer."""
-    cfg, student, teacher = trainer.cfg, trainer.student, trainer.teacher
-    threshold = resolved_threshold(cfg)
-    set_poly_lr(trainer.optimizer, trainer.iteration, cfg.train.iterations, cfg.train.poly_power)
-    student.train()
-
-    def unsup_loss(logits, probs, valid):
-        confidence, pseudo_labels = probs.max(dim=1)
-        kept = valid & (confidence >= threshold)
-        return (pixel_ce(logits, pseudo_labels) * kept).sum() / valid.sum().clamp_min(1)
-
-    with autocast_context(trainer.device, trainer.amp):
-        with torch.no_grad():
-            teacher_probs = torch.softmax(teacher(batch.images_u_weak)[0].float(), dim=1)
-        strong_1, probs_1, valid_1 = _strong_view(trainer, batch, teacher_probs)
-        strong_2, probs_2, valid_2 = _strong_view(trainer, batch, teacher_probs)
-        n_l = batch.images_l.shape[0]
-        low, _, _, high = student.backbone(torch.cat([batch.images_l, batch.images_u_weak]))
-        low = torch.cat([low[:n_l], F.dropout2d(low[n_l:], 0.5, training=True)])
-        high = torch.cat([high[:n_l], F.dropout2d(high[n_l:], 0.5, training=True)])
-        logits = F.interpolate(student.classifier(_decode_features(student, low, high)),
-                               size=batch.images_l.shape[-2:], mode="bilinear", align_corners=False)
-        logits_s1, logits_s2 = student(torch.cat([strong_1, strong_2]))[0].chunk(2)
-        valid_w = batch.ignore_mask_u != cfg.data.ignore_index
-        total = (trainer.method.supervised_loss(logits[:n_l], batch.masks_l)
-                 + 0.25 * unsup_loss(logits_s1, probs_1, valid_1)
-                 + 0.25 * unsup_loss(logits_s2, probs_2, valid_2)
-                 + 0.5 * unsup_loss(logits[n_l:], teacher_probs, valid_w)) / 2
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.scaler.scale(total).backward()
-    trainer.scaler.step(trainer.optimizer)
-    trainer.scaler.update()
-    update_teacher(teacher, student, ema_momentum(trainer.ema_steps, cfg.method.ema_momentum))
-    trainer.ema_steps += 1
-    trainer.iteration += 1
-
-
 def build_step(variant: str, settings: Settings) -> Callable[[], None]:
     trainer = build_trainer(variant, settings)
     batch = synthetic_batch(settings, trainer.device)
-    if variant == "unimatch_style":
-        return lambda: unimatch_style_step(trainer, batch)
     return lambda: trainer.train_step(batch)
 
 
@@ -492,7 +430,8 @@ def run(args: argparse.Namespace) -> dict:
                     else farcluss["memory_ratio_to_fixmatch"] - 1.0)
     measured = {
         "time_vs_fixmatch": farcluss["ratio_to_fixmatch"],
-        "time_vs_unimatch_style": farcluss["seconds_per_iteration"] / by_name["unimatch_style"]["seconds_per_iteration"],
+        "time_vs_unimatch": (by_name["farcluss_on_unimatch"]["seconds_per_iteration"]
+                             / by_name["unimatch"]["seconds_per_iteration"]),
         "extra_memory_vs_fixmatch": extra_memory,
         "data_wait_fraction": None if data_wait is None else data_wait["fraction"],
     }
@@ -568,7 +507,7 @@ def print_report(report: dict) -> None:
               f"{100 * d['fraction']:.1f}% of the iteration after the first window "
               f"(first window, with worker start-up: {100 * d['first_window_fraction']:.1f}%)")
     labels = {"time_vs_fixmatch": "farcluss time / fixmatch",
-              "time_vs_unimatch_style": "farcluss time / unimatch_style",
+              "time_vs_unimatch": "farcluss on the unimatch skeleton, time / unimatch",
               "extra_memory_vs_fixmatch": "farcluss extra memory over fixmatch",
               "data_wait_fraction": "data wait fraction"}
     for key, t in report["targets"].items():
