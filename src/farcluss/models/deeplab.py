@@ -136,7 +136,23 @@ def with_projections(projection: Optional["ProjectionHead"], logits: torch.Tenso
     return logits, feature, projection(feature)
 
 
-class DeepLabV3Plus(nn.Module):
+class SegmentationModel(nn.Module):
+    """What every segmentation model shares: an encoder ``backbone`` and head modules (trained
+    from scratch at `train.head_lr_multiplier` × the learning rate)."""
+
+    backbone: nn.Module
+
+    def head_modules(self) -> List[nn.Module]:
+        raise NotImplementedError
+
+    def parameter_groups(self) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+        """``(backbone_params, head_params)``; together they are every parameter exactly once."""
+        backbone_params = list(self.backbone.parameters())
+        head_params = [p for module in self.head_modules() for p in module.parameters()]
+        return backbone_params, head_params
+
+
+class DeepLabV3Plus(SegmentationModel):
     """DeepLabV3+ returning ``(logits, feature)``, or ``(logits, feature, embedding)`` with
     ``project=True``.
 
@@ -202,12 +218,6 @@ class DeepLabV3Plus(nn.Module):
         if self.projection is not None:
             modules.append(self.projection)
         return modules
-
-    def parameter_groups(self) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
-        """``(backbone_params, head_params)``; together they are every parameter exactly once."""
-        backbone_params = list(self.backbone.parameters())
-        head_params = [p for module in self.head_modules() for p in module.parameters()]
-        return backbone_params, head_params
 
     def decode(self, images: torch.Tensor, perturb: Optional[Perturb] = None) -> torch.Tensor:
         """The decoder feature ``B × decoder_channels × H/4 × W/4`` (before the classifier).

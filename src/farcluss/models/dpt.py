@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .deeplab import Perturb, ProjectionHead, with_projections
+from .deeplab import Perturb, ProjectionHead, SegmentationModel, with_projections
 from .vit import PATCH_SIZE, VisionTransformer, vit_spec
 
 #: the decoder feature is this many times finer than the patch grid
@@ -109,7 +109,7 @@ class DPTDecoder(nn.Module):
         return F.relu(self.head_conv(path))
 
 
-class DPT(nn.Module):
+class DPT(SegmentationModel):
     """DINOv2 + DPT returning ``(logits, feature)``, with the same options as
     `models.deeplab.DeepLabV3Plus` (``project``, ``project_index``, ``perturb``).
 
@@ -141,12 +141,6 @@ class DPT(nn.Module):
         if self.projection is not None:
             modules.append(self.projection)
         return modules
-
-    def parameter_groups(self) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
-        """``(backbone_params, head_params)``; together they are every parameter exactly once."""
-        backbone_params = list(self.backbone.parameters())
-        head_params = [p for module in self.head_modules() for p in module.parameters()]
-        return backbone_params, head_params
 
     @staticmethod
     def feature_size(height: int, width: int) -> Tuple[int, int]:
