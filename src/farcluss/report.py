@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from farcluss.config import config_from_dict
+from farcluss.diagnose import not_learning_message
 from farcluss.errors import CheckpointError, FarclussError
 from farcluss.inference import ValidationPredictions, checkpoint_models, predict_validation_examples
 from farcluss.log import get_logger
@@ -333,6 +334,11 @@ def make_report(run_dir, out_dir=None, num_images: int = 6) -> Path:
             rows.append([name, latest[-1]["iteration"], latest[-1]["miou"], latest[-1].get("pixel_accuracy")])
     if rows:
         blocks.append(("Final metrics", html_table(["model", "iteration", "mIoU", "pixel accuracy"], rows)))
+    if evals:
+        warning = not_learning_message(evals[-1]["per_class_iou"], class_names)
+        if warning:
+            logger.warning(f"{run_dir}: {warning}")
+            blocks.insert(0, ("Warning", f"<p><strong>{html.escape(warning)}</strong></p>"))
     if loss_terms(records):
         blocks.append(("Losses", plot_loss_terms(records, out / "losses.png").name))
     curves = {name: miou_curve(records, name) for name in ("teacher", "student")

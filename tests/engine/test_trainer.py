@@ -20,6 +20,7 @@ from farcluss.config import load_config
 from farcluss.engine.checkpoint import load_checkpoint
 from farcluss.engine.trainer import Trainer, TrainingError
 from farcluss.errors import CheckpointError
+from farcluss.log import setup_logging
 from farcluss.methods.farcluss import Farcluss
 
 
@@ -219,3 +220,24 @@ def test_a_training_run_whose_output_is_a_file_writes_no_progress_frames(tmp_pat
     text = (tmp_path / "train.log").read_bytes().decode()  # bytes: read_text turns \r into \n
     assert done.returncode == 0, text
     assert "\r" not in text and "farcluss: 6/6 (100%)" in text
+
+
+@pytest.mark.parametrize("per_class_iou, flagged", [([95.0, 0.0, 0.1], True),
+                                                     ([95.0, 60.0, 41.0], False)])
+def test_the_final_evaluation_says_when_the_model_is_not_learning(tmp_path, monkeypatch, capsys,
+                                                                  restore_logging, per_class_iou,
+                                                                  flagged):
+    setup_logging(rank=0)  # as the CLI does: warnings are lines on stderr
+    root = write_tiny_dataset(tmp_path / "data")
+    cfg = load_config(overrides=tiny_overrides(root, "supervised", 2))
+    trainer = Trainer(cfg, tmp_path / "run", resume=False)
+    names = list(trainer.data.classes)
+    # the final evaluation as the loop sees it; the run itself is the real loop
+    monkeypatch.setattr(trainer, "evaluate_models", lambda: {"student": {
+        "miou": sum(per_class_iou) / 3, "per_class_iou": per_class_iou,
+        "pixel_accuracy": 90.0, "class_names": names}})
+    trainer.fit()
+    err = capsys.readouterr().err
+    assert ("not learning" in err) is flagged
+    if flagged:
+        assert f"only {names[0]} (95.0) are predicted" in err

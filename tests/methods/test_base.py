@@ -223,7 +223,7 @@ def test_teacher_equals_the_student_at_momentum_zero(tmp_path):
         assert torch.equal(teacher_state[key], value), key
 
 
-def test_teacher_and_unsup_loss_wait_through_the_warm_up(tmp_path, capsys):
+def test_teacher_and_unsup_loss_wait_through_the_warm_up(tmp_path, capsys, restore_logging):
     root = write_tiny_dataset(tmp_path / "data")
     cfg = load_config(overrides=tiny_overrides(root, "fixmatch", 3)
                       + ["method.warmup_iterations=3"])
@@ -242,7 +242,8 @@ def test_teacher_and_unsup_loss_wait_through_the_warm_up(tmp_path, capsys):
     assert all("loss_unsup" not in r for r in records if r["type"] == "train")
 
 
-def test_the_teacher_is_evaluated_and_kept_as_best_only_after_the_warm_up(tmp_path, capsys):
+def test_the_teacher_is_evaluated_and_kept_as_best_only_after_the_warm_up(tmp_path, capsys,
+                                                                          restore_logging):
     root = write_tiny_dataset(tmp_path / "data")
     cfg = load_config(overrides=tiny_overrides(root, "farcluss", 4)
                       + ["method.warmup_iterations=2", "train.eval_interval=2"])

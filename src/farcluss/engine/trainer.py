@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 import farcluss
 from farcluss.config import Config, input_stride
 from farcluss.data.build import DataBundle, build_data, eval_loader
+from farcluss.diagnose import not_learning_message
 from farcluss.data.datasets import SegmentationDataset
 from farcluss.data.sampler import InfiniteSampler
 from farcluss.data.transforms import WeakAugment
@@ -370,6 +371,16 @@ class Trainer:
         finally:
             self.stop_request.uninstall()
 
+    def _warn_if_not_learning(self, final: Dict[str, dict]) -> None:
+        """One line when the final model predicts only a few classes (diagnose.py)."""
+        name = "teacher" if final.get("teacher") is not None else "student"
+        metrics = final.get(name)
+        if not metrics or not self.env.is_main:
+            return
+        message = not_learning_message(metrics["per_class_iou"], metrics["class_names"])
+        if message:
+            logger.warning(f"{name}: {message}")
+
     def _stop_run(self, saved: bool) -> Dict[str, Any]:
         """After a stop signal: last.pt at this iteration (unless just written), then return."""
         if not saved:
@@ -439,6 +450,7 @@ class Trainer:
         progress.close()
         if not last_results:
             last_results = self.evaluate_models()
+        self._warn_if_not_learning(last_results)
         return {"iteration": self.iteration, "best_miou": self.best_miou,
                 "best_iteration": self.best_iteration, "final": last_results,
                 "run_dir": str(self.paths.root)}
