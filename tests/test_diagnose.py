@@ -8,7 +8,7 @@ NAMES = ["background", "cat", "dog", "bird", "fish"]
 def test_a_run_that_predicts_one_class_is_flagged_with_the_likely_causes():
     message = not_learning_message([88.0, 0.2, 0.0, 0.5, 0.0], NAMES)
     assert message is not None
-    assert "4 of 5 classes have IoU below 1" in message
+    assert "4 of 5 classes have IoU below 10" in message
     assert "only background (88.0) are predicted" in message
     for cause in ("train.iterations", "model.pretrained", "train.lr"):
         assert cause in message
@@ -16,9 +16,12 @@ def test_a_run_that_predicts_one_class_is_flagged_with_the_likely_causes():
 
 
 def test_a_healthy_run_and_a_few_hard_classes_are_not_flagged():
-    assert not_learning_message([90.0, 45.0, 30.0, 12.0, 0.3], NAMES) is None
+    assert not_learning_message([90.0, 45.0, 30.0, 12.0, 3.0], NAMES) is None
     # two dead of five is below half: a hard class or two is not a collapse
     assert not_learning_message([90.0, 45.0, 30.0, 0.1, 0.3], NAMES) is None
+    # the collapse issue 14 reports: background 87.7, one object 17.3, the others 0.1-6.7
+    collapsed = [87.7, 17.3] + [0.1, 0.5, 1.2, 2.0, 3.3, 4.1, 5.0, 6.1, 6.7]
+    assert "9 of 11 classes" in not_learning_message(collapsed, [f"c{i}" for i in range(11)])
 
 
 def test_absent_classes_do_not_count_and_all_dead_is_said_plainly():
