@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 DEAD_IOU = 10.0
 #: the run is flagged when at least this share of the classes with an IoU are dead
 DEAD_SHARE = 0.5
+#: the words every not-learning line carries (what a script scanning stderr can match)
+NOT_LEARNING = "the model is not learning"
 
 
 def not_learning_message(per_class_iou: Sequence[Optional[float]], class_names: Sequence[str],
@@ -33,9 +35,9 @@ def not_learning_message(per_class_iou: Sequence[Optional[float]], class_names: 
     alive = sorted(((iou, name) for name, iou in present if iou >= dead_iou), reverse=True)
     if alive:
         leading = ", ".join(f"{name} ({iou:.1f})" for iou, name in alive[:3])
-        what = (f"the model is not learning: {len(dead)} of {len(present)} classes have IoU below "
+        what = (f"{NOT_LEARNING}: {len(dead)} of {len(present)} classes have IoU below "
                 f"{dead_iou:g} and only {leading} are predicted")
     else:
-        what = f"the model is not learning: every one of {len(present)} classes has IoU below {dead_iou:g}"
+        what = f"{NOT_LEARNING}: every one of {len(present)} classes has IoU below {dead_iou:g}"
     return (f"{what}. Likely causes: a schedule too short for the dataset (train.iterations), "
             f"no pretrained backbone (model.pretrained), or a learning rate off by 10x (train.lr)")
