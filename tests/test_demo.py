@@ -35,14 +35,16 @@ def test_demo_with_a_tiny_budget_writes_its_report(tmp_path, monkeypatch):
     assert summary["iteration_choice"]["source"] == "calibrated"
     assert summary["iterations"] == demo.MIN_ITERATIONS
     calibration = {c["method"]: c for c in summary["iteration_choice"]["calibration"]}
-    assert list(calibration) == ["supervised", "fixmatch", "farcluss"]
+    # fixmatch is calibrated too, but 3 seconds cannot afford the full schedule with it
+    assert list(calibration) == ["supervised", "unimatch", "farcluss", "fixmatch"]
     # 3 val images are all curve images: the final evaluation costs the calibration's one,
     # of one model where the calibration evaluated two (teacher and student)
     supervised, farcluss = calibration["supervised"], calibration["farcluss"]
     assert supervised["final_eval_seconds"] == pytest.approx(supervised["eval_seconds"])
     assert farcluss["final_eval_seconds"] == pytest.approx(farcluss["eval_seconds"] / 2)
-    assert [m["method"] for m in summary["methods"]] == ["supervised", "fixmatch", "farcluss"]
-    assert [m["model"] for m in summary["methods"]] == ["student", "teacher", "teacher"]
+    assert [m["method"] for m in summary["methods"]] == ["supervised", "unimatch", "farcluss"]
+    # UniMatch V1 takes pseudo-labels from the online model: there is no teacher to judge
+    assert [m["model"] for m in summary["methods"]] == ["student", "student", "teacher"]
     for method in summary["methods"]:
         run_cfg = load_config(out / "runs" / method["method"] / "config.yaml")
         assert run_cfg.train.iterations == demo.MIN_ITERATIONS and run_cfg.train.seed == 1
@@ -60,13 +62,39 @@ def test_demo_with_a_tiny_budget_writes_its_report(tmp_path, monkeypatch):
 def test_demo_iterations_option_skips_calibration(tmp_path):
     data = make_benchmark(tmp_path / "bench", num_train=4, num_val=2, size_range=(32, 32), progress=False)
     out = tmp_path / "demo"
-    argv = ["demo", "--data", str(data), "--out", str(out), "--iterations", "1", "--num-images", "1"]
+    argv = ["demo", "--data", str(data), "--out", str(out), "--iterations", "1", "--num-images", "1",
+            "--methods", "supervised,fixmatch"]
     for override in TINY_MODEL:
         argv += ["--set", override]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 1 and summary["iteration_choice"]["source"] == "--iterations"
     assert "calibration" not in summary["iteration_choice"]
+    assert [m["method"] for m in summary["methods"]] == ["supervised", "fixmatch"]
+    assert "supervised vs FixMatch" in (out / "index.html").read_text()
+
+
+def test_demo_rejects_an_unknown_method(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--methods", "supervised,mixmatch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mixmatch" in err[0] and "unimatch" in err[0]
+    assert not (tmp_path / "d").exists()
+
+
+def test_fixmatch_joins_only_when_the_full_schedule_still_fits():
+    calibrations = {"supervised": Calibration("supervised", 0.1, 1.0, 0.5, 2.5),
+                    "unimatch": Calibration("unimatch", 0.4, 1.0, 1.5, 2.5),
+                    "farcluss": Calibration("farcluss", 0.2, 1.0, 1.5, 2.5),
+                    "fixmatch": Calibration("fixmatch", 0.2, 1.0, 1.5, 2.5)}
+    base = list(demo.DEMO_METHODS)
+    # with fixmatch: fixed 4 · 1 + 6 · 5 + 4 · 2.5 = 44 s, 0.9 s per iteration; 1000 iterations
+    # need 0.9 · T ≥ 944, T ≥ 1048.9 s
+    assert demo.with_optional_methods(base, calibrations, 1049, cap=1000) == [
+        "supervised", "unimatch", "fixmatch", "farcluss"]
+    assert demo.with_optional_methods(base, calibrations, 1048, cap=1000) == base
+    # an explicit fixmatch is not added twice
+    assert demo.with_optional_methods(["fixmatch", "farcluss"], calibrations, 1e6, cap=10) == [
+        "fixmatch", "farcluss"]
 
 
 def test_plan_iterations_fits_the_budget():

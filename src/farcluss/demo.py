@@ -1,6 +1,7 @@
-"""`farcluss demo`: supervised vs FixMatch vs FARCLUSS on the built-in benchmark, in minutes.
+"""`farcluss demo`: supervised vs UniMatch vs FARCLUSS on the built-in benchmark, in minutes.
 
-The three methods share the model, the data, the seed and — for fairness — one iteration count.
+The methods (`DEMO_METHODS`; FixMatch joins when the budget affords the config's full schedule
+with it as well, see `OPTIONAL_METHODS`; ``--methods`` names them instead) share the model, the data, the seed and — for fairness — one iteration count.
 That count is chosen to fit the time budget (``--minutes``, 10 by default) on the machine at
 hand: each method first trains a few calibration iterations, which give its seconds per step,
 the time to build its trainer and the time of one evaluation for the curve (with a checkpoint),
@@ -17,8 +18,8 @@ Evaluations during training (the mIoU-over-iterations curve) use the first `CURV
 validation images to keep the budget for training; the final numbers evaluate the last model
 (the teacher; the student for supervised) on the whole validation list.
 
-The report folder (``--out``) holds per-class IoU bars of the three methods, their mIoU over
-iterations, a grid of validation images with ground truth and the three predictions,
+The report folder (``--out``) holds per-class IoU bars of the methods, their mIoU over
+iterations, a grid of validation images with ground truth and each method's prediction,
 ``summary.json`` and ``index.html``; the runs themselves are under ``runs/``.
 """
 
@@ -58,7 +59,15 @@ from farcluss.report import (
     write_html_page,
 )
 
-DEMO_METHODS = ("supervised", "fixmatch", "farcluss")
+#: what the demo compares: the floor, the strongest published skeleton, and FARCLUSS
+DEMO_METHODS = ("supervised", "unimatch", "farcluss")
+#: added (in this order, before farcluss) when the calibrated budget still runs the config's full
+#: schedule with them: FixMatch is the skeleton FARCLUSS rides on by default, but a shorter
+#: schedule for every method is a worse trade than leaving it out
+OPTIONAL_METHODS = ("fixmatch",)
+#: what ``--methods`` may name (supervised_full needs bench accuracy's full label list)
+METHOD_TITLES = {"supervised": "supervised", "fixmatch": "FixMatch", "unimatch": "UniMatch",
+                 "farcluss": "FARCLUSS"}
 DEFAULT_MINUTES = 10.0
 #: calibration steps per method; the first is dropped (DataLoader workers start, allocator warm-up)
 CALIBRATION_ITERATIONS = 5
@@ -178,15 +187,37 @@ def shared_settings(cfg: Config, iterations: int, seed: int) -> Dict[str, Any]:
     return changes
 
 
+def with_optional_methods(methods: Sequence[str], calibrations: Dict[str, Calibration],
+                          seconds_left: float, cap: int) -> List[str]:
+    """`methods` plus each optional method whose cost still leaves the full schedule (`cap`)."""
+    chosen = list(methods)
+    for optional in OPTIONAL_METHODS:
+        if optional in chosen or optional not in calibrations:
+            continue
+        trial = chosen[:-1] + [optional] + chosen[-1:]
+        if plan_iterations([calibrations[m] for m in trial], seconds_left, cap) >= cap:
+            chosen = trial
+    return chosen
+
+
 def run_demo(out_dir, minutes: float = DEFAULT_MINUTES, seed: int = 0, data_dir=None, config_path=None,
-             overrides: Sequence[str] = (), iterations: Optional[int] = None, num_images: int = 6) -> dict:
-    """Train the three methods and write the report folder; returns the summary document."""
+             overrides: Sequence[str] = (), iterations: Optional[int] = None, num_images: int = 6,
+             methods: Optional[Sequence[str]] = None) -> dict:
+    """Train the methods and write the report folder; returns the summary document.
+
+    `methods` None: `DEMO_METHODS`, plus `OPTIONAL_METHODS` the budget affords (calibrated runs).
+    """
 
     start = time.perf_counter()
     if minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {minutes}")
     if iterations is not None and iterations < 1:
         raise ConfigError(f"--iterations must be positive, got {iterations}")
+    if methods is not None:
+        unknown = [m for m in methods if m not in METHOD_TITLES]
+        if unknown or not methods:
+            raise ConfigError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                              f"choose from {', '.join(METHOD_TITLES)}")
     out = Path(out_dir)
     if (out / "runs").exists():
         raise FarclussError(f"{out} already holds a demo; choose another --out")
@@ -204,12 +235,18 @@ def run_demo(out_dir, minutes: float = DEFAULT_MINUTES, seed: int = 0, data_dir=
     if iterations is None:
         print(f"calibrating: {CALIBRATION_ITERATIONS} iterations of each method")
         seeded = derive_config(base, {"train.seed": seed})
-        calibrations = [calibrate(seeded, method, num_val, out / "calibration") for method in DEMO_METHODS]
+        candidates = list(methods) if methods is not None else [*DEMO_METHODS, *OPTIONAL_METHODS]
+        calibrations = {method: calibrate(seeded, method, num_val, out / "calibration")
+                        for method in candidates}
         shutil.rmtree(out / "calibration", ignore_errors=True)
         seconds_left = minutes * 60 - (time.perf_counter() - start) - REPORT_RESERVE_SECONDS
-        iterations = plan_iterations(calibrations, seconds_left, cap=base.train.iterations)
+        if methods is None:
+            methods = with_optional_methods(DEMO_METHODS, calibrations, seconds_left,
+                                            cap=base.train.iterations)
+        iterations = plan_iterations([calibrations[m] for m in methods], seconds_left,
+                                     cap=base.train.iterations)
         choice.update(source="calibrated", seconds_left_for_training=round(seconds_left, 1),
-                      calibration=[asdict(c) for c in calibrations])
+                      calibration=[asdict(c) for c in calibrations.values()])
         if iterations == MIN_ITERATIONS:
             print(f"warning: {minutes} minute(s) leave no room for training; running the minimum "
                   f"{MIN_ITERATIONS} iterations per method (the comparison means nothing)")
@@ -220,12 +257,13 @@ def run_demo(out_dir, minutes: float = DEFAULT_MINUTES, seed: int = 0, data_dir=
                 choice["warning"] = warning
     else:
         choice["source"] = "--iterations"
+        methods = list(methods) if methods is not None else list(DEMO_METHODS)
     choice["iterations"] = iterations
     shared = shared_settings(base, iterations, seed)
-    print(f"training {', '.join(DEMO_METHODS)} for {iterations} iterations each (seed {seed})")
+    print(f"training {', '.join(methods)} for {iterations} iterations each (seed {seed})")
 
     runs = []
-    for method in DEMO_METHODS:
+    for method in methods:
         cfg = derive_config(base, {**shared, "method.name": method})
         run_dir = out / "runs" / method
         summary, seconds = train_run(derive_config(cfg, curve), run_dir)
@@ -289,7 +327,8 @@ def _write_report(out: Path, cfg: Config, document: dict, rare_indices: List[int
     setup = (f"<p>{document['iterations']} iterations per method ({document['iteration_choice']['source']}), "
              f"seed {document['seed']}, dataset {document['dataset']}. Rare classes (fewest labeled "
              f"pixels): {', '.join(document['rare_classes'])}.</p>")
-    write_html_page(out / "index.html", "farcluss demo: supervised vs FixMatch vs FARCLUSS", [
+    title = " vs ".join(METHOD_TITLES.get(r["method"], r["method"]) for r in runs)
+    write_html_page(out / "index.html", f"farcluss demo: {title}", [
         ("Results", setup + table),
         ("Per-class IoU", "per_class_iou.png"),
         ("Validation mIoU over iterations", "miou.png"),
@@ -317,18 +356,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     document = run_demo(out, minutes=args.minutes, seed=args.seed, data_dir=args.data,
                         config_path=args.config, overrides=args.overrides, iterations=args.iterations,
-                        num_images=args.num_images)
+                        num_images=args.num_images,
+                        methods=_method_list(args.methods) if args.methods else None)
     print(format_demo_table(document))
     print(f"report: {out / 'index.html'} ({document['total_seconds']:.0f} s in all)")
     return 0
 
 
+def _method_list(text: str) -> List[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def register_command(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="supervised vs fixmatch vs farcluss on the built-in benchmark")
+    p = subparsers.add_parser("demo", help="supervised vs unimatch vs farcluss on the built-in benchmark")
     p.add_argument("--out", default=None, help="report folder (default runs/demo-<time>)")
     p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                    help=f"time budget of the whole demo (default {DEFAULT_MINUTES:g})")
-    p.add_argument("--seed", type=int, default=0, help="training seed shared by the three methods")
+    p.add_argument("--seed", type=int, default=0, help="training seed shared by the methods")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated methods (default {','.join(DEMO_METHODS)}, plus "
+                        f"{','.join(OPTIONAL_METHODS)} when the budget runs the full schedule with it)")
     p.add_argument("--iterations", type=positive_int, default=None,
                    help="iterations per method (default: as many as fit --minutes)")
     p.add_argument("--data", default=None,
@@ -336,5 +383,5 @@ def register_command(subparsers) -> None:
     p.add_argument("--config", default=None, help="config (default configs/benchmark.yaml)")
     p.add_argument("--num-images", type=positive_int, default=6,
                    help="validation images in the prediction grid")
-    add_overrides_arg(p, "for all three methods")
+    add_overrides_arg(p, "for every method")
     p.set_defaults(func=cmd_demo)
