@@ -120,6 +120,8 @@ def cmd_data(args: argparse.Namespace) -> int:
             kwargs["num_train"] = args.num_train
         if args.num_val is not None:
             kwargs["num_val"] = args.num_val
+        if args.num_test is not None:
+            kwargs["num_test"] = args.num_test
         path = make_benchmark(args.out, seed=args.seed, **kwargs)
         print(f"benchmark dataset ready in {path}")
         return 0
@@ -180,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("make-benchmark", help="write the built-in long-tailed benchmark")
     q.add_argument("out")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--num-train", type=int, default=None)
-    q.add_argument("--num-val", type=int, default=None)
+    q.add_argument("--num-train", type=int, default=None, help="train images (default 2000)")
+    q.add_argument("--num-val", type=int, default=None, help="validation images (default 300)")
+    q.add_argument("--num-test", type=int, default=None,
+                   help="held-back test images, numbered after the val images (default 500)")
     q = data_sub.add_parser("cityscapes", help="convert *_labelIds.png to *_labelTrainIds.png")
     q.add_argument("root", help="Cityscapes root (holding gtFine/)")
     p.set_defaults(func=cmd_data)

@@ -45,7 +45,7 @@ def test_the_root_expands_the_home_folder(monkeypatch, tmp_path):
 
 def test_the_builtin_benchmark_is_reused_once_complete(monkeypatch, tmp_path, capsys, restore_logging):
     monkeypatch.setenv("FARCLUSS_CACHE", str(tmp_path / "cache"))
-    made = make_benchmark(default_benchmark_dir(), num_train=8, num_val=4, progress=False)
+    made = make_benchmark(default_benchmark_dir(), num_train=8, num_val=4, num_test=2, progress=False)
     setup_logging(rank=0)
     capsys.readouterr()
     assert dataset_root(load_config(None, [f"data.root={BUILTIN_BENCHMARK}"])) == made
