@@ -98,9 +98,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     data = build_data(cfg)
     n_classes = len(data.classes)
     problems: List[str] = []
-    for name, samples, require_mask in (("labeled", data.labeled, True),
-                                        ("unlabeled", data.unlabeled, False),
-                                        ("val", data.val, True)):
+    lists = [("labeled", data.labeled, True), ("unlabeled", data.unlabeled, False),
+             ("val", data.val, True)]
+    if cfg.data.test:
+        lists.append(("test", data.test, True))
+    for name, samples, require_mask in lists:
         found = check_samples(samples, n_classes, cfg.data.ignore_index, require_mask=require_mask)
         print(f"{name}: {len(samples)} samples, {len(found)} problem(s)")
         problems.extend(found)
