@@ -545,6 +545,7 @@ def register_command(subparsers) -> None:
                    help="also report every other method's per-seed difference to this one, its "
                         "mean and 95 %% t-interval (mIoU and rare-class mIoU)")
     q.add_argument("--json", default=None, help="also write the results document here")
-    q.add_argument("--out", default=None, help="folder of the runs (default runs/bench-<config>-<time>)")
+    q.add_argument("--out", default=None, help="folder of the runs, the results document and the PNG pictures "
+                        "(default runs/bench-<config>-<time>)")
     add_overrides_arg(q, "for every run")
     q.set_defaults(func=cmd_accuracy)

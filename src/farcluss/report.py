@@ -12,7 +12,7 @@
 The module draws and writes pages, nothing else: the predictions it shows come from
 `farcluss.inference`, the command line is in `farcluss.cli`, TensorBoard scalars in
 `farcluss.engine.tensorboard`. The plotting helpers take plain Python data so that
-`farcluss demo` reuses them to compare methods. Figures are drawn with matplotlib's object API
+`farcluss demo` and `farcluss bench accuracy` reuse them to compare methods. Figures are drawn with matplotlib's object API
 on the Agg canvas (no GUI, no global backend switch); matplotlib is imported by the first
 figure, because every command imports this module through the CLI and training never draws.
 """
