@@ -25,8 +25,9 @@ TINY_CLASSES = ["background", "square", "disc"]
 
 
 def write_tiny_dataset(root: Path, n_train: int = 12, n_val: int = 4, size: int = 40,
-                       n_labeled: int = 4, seed: int = 0) -> Path:
-    """Squares (class 1) and discs (class 2) of class-specific colours on a noisy background."""
+                       n_labeled: int = 4, seed: int = 0, n_test: int = 0) -> Path:
+    """Squares (class 1) and discs (class 2) of class-specific colours on a noisy background;
+    `n_test` > 0 adds that many images after val, listed in splits/test.txt."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(exist_ok=True)
@@ -34,7 +35,7 @@ def write_tiny_dataset(root: Path, n_train: int = 12, n_val: int = 4, size: int 
     (root / "classes.txt").write_text("\n".join(TINY_CLASSES) + "\n")
     yy, xx = np.mgrid[:size, :size]
     names = []
-    for i in range(n_train + n_val):
+    for i in range(n_train + n_val + n_test):
         image = rng.normal(0.3, 0.05, size=(size, size, 3))
         mask = np.zeros((size, size), np.uint8)
         for cls in (1, 2):
@@ -56,7 +57,9 @@ def write_tiny_dataset(root: Path, n_train: int = 12, n_val: int = 4, size: int 
     (root / "splits" / "labeled.txt").write_text("\n".join(lines[:n_labeled]) + "\n")
     (root / "splits" / "unlabeled.txt").write_text(
         "\n".join(f"images/{n}.png" for n in names[n_labeled:n_train]) + "\n")
-    (root / "splits" / "val.txt").write_text("\n".join(lines[n_train:]) + "\n")
+    (root / "splits" / "val.txt").write_text("\n".join(lines[n_train:n_train + n_val]) + "\n")
+    if n_test:
+        (root / "splits" / "test.txt").write_text("\n".join(lines[n_train + n_val:]) + "\n")
     return root
 
 

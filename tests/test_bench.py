@@ -9,6 +9,8 @@ from PIL import Image
 
 from conftest import TINY_CLASSES, tiny_overrides, write_tiny_dataset
 from farcluss.bench import (
+    aggregate_curves,
+    mean_per_class,
     full_label_list,
     labeled_pixel_counts,
     T_975,
@@ -121,7 +123,8 @@ def test_bench_accuracy_writes_the_results_document(tmp_path):
     assert main(argv) == 0
 
     document = json.loads(json_path.read_text())
-    assert set(document) == {"results", "summary", "rare_classes", "config", "paired"}
+    assert set(document) == {"split", "results", "summary", "rare_classes", "config", "paired"}
+    assert document["split"] == "val"  # no data.test
     (paired,) = document["paired"]
     assert paired["method"] == "farcluss" and paired["reference"] == "supervised_full"
     assert paired["seeds"] == [0]
@@ -131,7 +134,9 @@ def test_bench_accuracy_writes_the_results_document(tmp_path):
     runs = [(r["method"], r["seed"]) for r in document["results"]]
     assert runs == [("farcluss", 0), ("supervised_full", 0)]
     for result in document["results"]:
-        assert set(result) == {"method", "seed", "miou", "rare_miou", "per_class_iou", "seconds"}
+        assert set(result) == {"method", "seed", "miou", "rare_miou", "per_class_iou", "seconds",
+                               "seconds_per_iteration"}
+        assert result["seconds_per_iteration"] == pytest.approx(result["seconds"] / 3, abs=0.01)  # seconds: 2 decimals
         assert list(result["per_class_iou"]) == TINY_CLASSES
         assert 0 <= result["miou"] <= 100 and result["seconds"] > 0
     assert [row["method"] for row in document["summary"]] == ["farcluss", "supervised_full"]
@@ -238,3 +243,77 @@ def test_bench_reference_must_be_one_of_the_methods(tmp_path, capsys):
     assert main(["bench", "accuracy", str(config), "--methods", "farcluss,fixmatch",
                  "--reference", "unimatch", "--out", str(tmp_path / "runs")]) == 2
     assert "--reference unimatch is not among --methods" in capsys.readouterr().err
+
+
+# ---- the test split and the pictures ---------------------------------------------------------
+
+def test_curves_aggregate_over_seeds_at_the_iterations_every_seed_has():
+    # seed 0 was evaluated at 100, 200, 300; seed 1 at 100, 300 (e.g. a resumed run)
+    iterations, mean, low, high = aggregate_curves([([100, 200, 300], [10.0, 20.0, 40.0]),
+                                                    ([100, 300], [14.0, 30.0])])
+    assert iterations == [100, 300]
+    assert mean == [12.0, 35.0] and low == [10.0, 30.0] and high == [14.0, 40.0]
+    assert aggregate_curves([]) == ([], [], [], [])
+    assert mean_per_class([{"a": 10.0, "b": None}, {"a": 30.0, "b": None}], ["a", "b"]) == [20.0, None]
+
+
+def test_summary_and_paired_statistics_on_the_test_split():
+    results = [
+        {"method": "farcluss", "seed": 0, "miou": 30.0, "rare_miou": 5.0, "test_miou": 28.0, "test_rare_miou": 4.0},
+        {"method": "farcluss", "seed": 1, "miou": 34.0, "rare_miou": 9.0, "test_miou": 32.0, "test_rare_miou": 2.0},
+        {"method": "supervised", "seed": 0, "miou": 25.0, "rare_miou": 1.0, "test_miou": 20.0, "test_rare_miou": 1.0},
+        {"method": "supervised", "seed": 1, "miou": 26.0, "rare_miou": 3.0, "test_miou": 27.0, "test_rare_miou": 1.0},
+    ]
+    farcluss, _ = summarize(results, ["farcluss", "supervised"], with_test=True)
+    assert (farcluss["miou_mean"], farcluss["test_miou_mean"], farcluss["test_rare_miou_mean"]) == (32.0, 30.0, 3.0)
+    assert farcluss["test_miou_std"] == pytest.approx(math.sqrt(8))
+    (val,) = paired_statistics(results, ["farcluss", "supervised"], "supervised")
+    (test,) = paired_statistics(results, ["farcluss", "supervised"], "supervised", split="test")
+    assert val["split"] == "val" and val["miou"]["differences"] == [5.0, 8.0]
+    assert test["split"] == "test" and test["miou"]["differences"] == [8.0, 5.0]
+    assert test["rare_miou"]["differences"] == [3.0, 1.0]
+    assert "to supervised on test" in format_paired_table([test])
+
+
+def _is_png(path: Path) -> bool:
+    with Image.open(path) as image:
+        image.verify()
+        return image.format == "PNG" and image.size[0] > 100
+
+
+def test_bench_accuracy_reports_val_and_test_and_draws_the_pictures(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path / "tiny", n_test=3)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"data": {"root": str(root), "test": "splits/test.txt"}}))
+    overrides = [o for o in tiny_overrides(root, iterations=2)
+                 if not o.startswith(("data.root", "method.name", "train.eval_interval"))]
+    out = tmp_path / "runs"
+    argv = ["bench", "accuracy", str(config), "--methods", "supervised,fixmatch", "--seeds", "0,1",
+            "--out", str(out), "--reference", "supervised", "--set", "train.eval_interval=1"]
+    for override in overrides:
+        argv += ["--set", override]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "test split (held back" in printed and "paired differences to supervised on test" in printed
+
+    document = json.loads((out / "bench_accuracy.json").read_text())
+    assert document["split"] == "test"
+    assert [row["split"] for row in document["paired"]] == ["val"]
+    assert [row["split"] for row in document["paired_test"]] == ["test"]
+    for result in document["results"]:
+        run = out / f"{result['method']}-seed{result['seed']}"
+        evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        model = "teacher" if any(r.get("model") == "teacher" for r in evals if r["type"] == "eval") else "student"
+        last = [r for r in evals if r["type"] == "eval" and r["model"] == model][-1]
+        # val fields keep meaning val; test fields are the same judged model on the test list
+        assert result["miou"] == last["miou"] and result["test_miou"] == last["test_miou"]
+        assert list(result["test_per_class_iou"].values()) == last["test_per_class_iou"]
+    fixmatch = [r for r in document["results"] if r["method"] == "fixmatch"]
+    (row,) = [row for row in document["summary"] if row["method"] == "fixmatch"]
+    assert row["test_miou_mean"] == pytest.approx(sum(r["test_miou"] for r in fixmatch) / 2)
+    (paired_test,) = document["paired_test"]
+    supervised = {r["seed"]: r for r in document["results"] if r["method"] == "supervised"}
+    assert paired_test["miou"]["differences"] == pytest.approx(
+        [r["test_miou"] - supervised[r["seed"]]["test_miou"] for r in fixmatch])
+    for name in ("miou_curves.png", "per_class_iou.png", "frontier.png"):
+        assert _is_png(out / name)

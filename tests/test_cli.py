@@ -46,6 +46,31 @@ def test_train_then_eval_json_with_set_keys_only(tmp_path, capsys):
     assert result["per_class_iou"] == pytest.approx(final_teacher["per_class_iou"])
 
 
+def test_train_reports_the_test_split_and_eval_scores_it_on_request(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2, n_test=3)
+    run = tmp_path / "run"
+    overrides = tiny_overrides(root, "fixmatch", 2) + ["data.test=splits/test.txt"]
+    assert cli.main(["train", *_sets(overrides), "--out", str(run)]) == 0
+    assert "teacher (test): mIoU" in capsys.readouterr().out
+
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final_teacher = [r for r in logged if r["type"] == "eval" and r["model"] == "teacher"][-1]
+    checkpoint = str(run / "checkpoints" / "last.pt")
+    results = {}
+    for split in ("val", "test"):
+        assert cli.main(["eval", *_sets(overrides), "--checkpoint", checkpoint, "--json",
+                         "--split", split]) == 0
+        results[split] = json.loads(capsys.readouterr().out)
+        assert results[split]["split"] == split
+    assert results["test"]["miou"] == pytest.approx(final_teacher["test_miou"])
+    assert results["test"]["per_class_iou"] == pytest.approx(final_teacher["test_per_class_iou"])
+    assert results["val"]["miou"] == pytest.approx(final_teacher["miou"])
+    # no data.test: --split test is a one-line error naming the key
+    assert cli.main(["eval", *_sets(overrides[:-1]), "--checkpoint", checkpoint,
+                     "--split", "test"]) == 2
+    assert "'data.test' is not set" in capsys.readouterr().err
+
+
 def test_version_through_python_dash_m():
     done = subprocess.run([sys.executable, "-m", "farcluss", "--version"], capture_output=True,
                           text=True, timeout=60, env=dict(os.environ, KMP_BLOCKTIME="0"))

@@ -16,7 +16,7 @@ TINY_MODEL = ["data.crop_size=32", "data.scale_range=[0.75, 1.25]", "model.base_
 
 
 def test_demo_with_a_tiny_budget_writes_its_report(tmp_path, monkeypatch):
-    data = make_benchmark(tmp_path / "bench", num_train=8, num_val=3, size_range=(32, 40), progress=False)
+    data = make_benchmark(tmp_path / "bench", num_train=8, num_val=3, num_test=2, size_range=(32, 40), progress=False)
     monkeypatch.setattr(demo, "CALIBRATION_ITERATIONS", 3)
     out = tmp_path / "demo"
     argv = ["demo", "--data", str(data), "--out", str(out), "--minutes", "0.05", "--seed", "1",
@@ -60,7 +60,7 @@ def test_demo_with_a_tiny_budget_writes_its_report(tmp_path, monkeypatch):
 
 
 def test_demo_iterations_option_skips_calibration(tmp_path):
-    data = make_benchmark(tmp_path / "bench", num_train=4, num_val=2, size_range=(32, 32), progress=False)
+    data = make_benchmark(tmp_path / "bench", num_train=4, num_val=2, num_test=1, size_range=(32, 32), progress=False)
     out = tmp_path / "demo"
     argv = ["demo", "--data", str(data), "--out", str(out), "--iterations", "1", "--num-images", "1",
             "--methods", "supervised,fixmatch"]

@@ -11,16 +11,36 @@ beside the mIoU because a long-tailed dataset hides what happens to them in the 
 
 The results document (``OUT/bench_accuracy.json``, rewritten after every run, and ``--json``)::
 
-    {"results": [{"method", "seed", "miou", "rare_miou", "per_class_iou": {class: IoU}, "seconds"}],
-     "summary": [{"method", "miou_mean", "miou_std", "rare_miou_mean"}],
+    {"split": "test" | "val",
+     "results": [{"method", "seed", "miou", "rare_miou", "per_class_iou": {class: IoU},
+                  "seconds", "seconds_per_iteration",
+                  "test_miou", "test_rare_miou", "test_per_class_iou"}],       (test_*: data.test only)
+     "summary": [{"method", "miou_mean", "miou_std", "rare_miou_mean",
+                  "test_miou_mean", "test_miou_std", "test_rare_miou_mean"}],
      "rare_classes": [names, rarest first], "config": {"path", "overrides", "iterations", "out", "resolved"},
-     "paired": [{"method", "reference", "seeds", "miou": D, "rare_miou": D}]}   (--reference only)
+     "paired": [{"method", "reference", "split": "val", "seeds", "miou": D, "rare_miou": D}],  (--reference)
+     "paired_test": [... the same on the test split ...]}                   (--reference and data.test)
 
     D = {"differences": [per seed], "n", "mean", "std", "t", "ci95_low", "ci95_high"}
 
+Val and test. The unprefixed fields are always the validation split (``data.val``), the one
+``best.pt`` is chosen on. When the config sets ``data.test`` (the built-in benchmark's config
+does), every run's final judged model is also scored on that held-back list (``test_*``), and
+``split`` is ``"test"``: the printed table and the printed paired differences are then the test
+split's, as a number nothing was chosen on; the val ones stay in the document.
+
 mIoU is the final teacher's (the student's for the supervised methods), in percent; ``miou_std``
 is the sample standard deviation over seeds (null with one seed); ``seconds`` is the wall time
-of the whole training run, evaluations included.
+of the whole training run, evaluations included, and ``seconds_per_iteration`` that divided by
+``train.iterations`` (the cost axis of the frontier picture).
+
+Pictures (``OUT/*.png``, written after the last run, see `write_pictures`)::
+
+    miou_curves.png       mIoU over iterations per method: mean over seeds, min–max band (test
+                          split when there is one, else val), from each run's metrics.jsonl
+    per_class_iou.png     per-class IoU, one bar per method (mean over seeds; test when there is one)
+    frontier.png          final mIoU against seconds per iteration, one point per method (mean
+                          over seeds, whiskers min–max)
 
 Paired statistics (``--reference METHOD``): a seed fixes the initialisation, the data order and
 the augmentation streams for every method, so two methods are compared seed by seed; the
@@ -47,6 +67,8 @@ from farcluss.data.io import load_mask
 from farcluss.data.splits import Sample, read_split
 from farcluss.engine.trainer import Trainer
 from farcluss.errors import ConfigError, DataError, FarclussError
+from farcluss.report import (Band, Curve, main_model, miou_curve, plot_class_iou_bars,
+                             plot_cost_frontier, plot_miou_bands, read_metrics)
 
 BENCH_METHODS = ("supervised", "fixmatch", "unimatch", "farcluss", "supervised_full")
 DEFAULT_METHODS = BENCH_METHODS
@@ -126,6 +148,15 @@ def judged_metrics(final: Dict[str, dict]) -> Tuple[str, dict]:
     return name, final[name]
 
 
+def run_metrics(final: Dict[str, dict], rare_indices: Sequence[int]) -> Dict[str, Any]:
+    """``miou``, ``rare_miou`` and ``per_class_iou`` {class: IoU} of the judged model of `final`."""
+    _, metrics = judged_metrics(final)
+    per_class = metrics["per_class_iou"]
+    names = metrics.get("class_names") or [str(i) for i in range(len(per_class))]
+    return {"miou": metrics["miou"], "rare_miou": mean_iou_over(per_class, rare_indices),
+            "per_class_iou": dict(zip(names, per_class))}
+
+
 def check_fresh_run_dir(run_dir: Path) -> None:
     """A benchmark run must start afresh: refuse a folder that already holds a run."""
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
@@ -190,19 +221,24 @@ def method_changes(method: str, seed: int, full_list: Optional[Path]) -> Dict[st
     return {"method.name": method, "train.seed": seed}
 
 
-def summarize(results: Sequence[dict], methods: Sequence[str]) -> List[dict]:
-    """Mean and (sample) standard deviation of the mIoU per method, and the mean rare-class IoU;
-    a standard deviation needs two seeds (None otherwise)."""
+def _values(results: Sequence[dict], method: str, key: str) -> List[float]:
+    return [r[key] for r in results if r["method"] == method and r.get(key) is not None]
+
+
+def summarize(results: Sequence[dict], methods: Sequence[str], with_test: bool = False) -> List[dict]:
+    """Mean and (sample) standard deviation of the val mIoU per method, and the mean rare-class
+    IoU; with `with_test` the same of the test split as ``test_*`` keys. A standard deviation
+    needs two seeds (None otherwise)."""
     rows = []
     for method in methods:
-        mious = [r["miou"] for r in results if r["method"] == method and r["miou"] is not None]
-        rares = [r["rare_miou"] for r in results if r["method"] == method and r["rare_miou"] is not None]
-        rows.append({
-            "method": method,
-            "miou_mean": statistics.fmean(mious) if mious else None,
-            "miou_std": statistics.stdev(mious) if len(mious) > 1 else None,
-            "rare_miou_mean": statistics.fmean(rares) if rares else None,
-        })
+        row: Dict[str, Any] = {"method": method}
+        for prefix in ("", "test_") if with_test else ("",):
+            mious = _values(results, method, f"{prefix}miou")
+            rares = _values(results, method, f"{prefix}rare_miou")
+            row[f"{prefix}miou_mean"] = statistics.fmean(mious) if mious else None
+            row[f"{prefix}miou_std"] = statistics.stdev(mious) if len(mious) > 1 else None
+            row[f"{prefix}rare_miou_mean"] = statistics.fmean(rares) if rares else None
+        rows.append(row)
     return rows
 
 
@@ -264,20 +300,25 @@ def paired_difference(values: Sequence[Optional[float]],
 PAIRED_METRICS = ("miou", "rare_miou")
 
 
-def paired_statistics(results: Sequence[dict], methods: Sequence[str], reference: str
-                      ) -> List[dict]:
+def paired_statistics(results: Sequence[dict], methods: Sequence[str], reference: str,
+                      split: str = "val") -> List[dict]:
     """For every method but `reference`: `paired_difference` of its mIoU and of its rare-class
-    mIoU to the reference's, over the seeds both have run."""
+    mIoU to the reference's, over the seeds both have run; on `split` (``val``: the results'
+    ``miou``/``rare_miou``, ``test``: their ``test_miou``/``test_rare_miou``). The rows carry
+    the split and name the differences ``miou``/``rare_miou`` whichever it is."""
+    prefix = "test_" if split == "test" else ""
     by_run = {(r["method"], r["seed"]): r for r in results}
     rows = []
     for method in methods:
         if method == reference:
             continue
         seeds = [seed for (m, seed) in by_run if m == method and (reference, seed) in by_run]
-        row: Dict[str, Any] = {"method": method, "reference": reference, "seeds": seeds}
+        row: Dict[str, Any] = {"method": method, "reference": reference, "split": split,
+                               "seeds": seeds}
         for metric in PAIRED_METRICS:
-            row[metric] = paired_difference([by_run[(method, s)][metric] for s in seeds],
-                                            [by_run[(reference, s)][metric] for s in seeds])
+            key = prefix + metric
+            row[metric] = paired_difference([by_run[(method, s)].get(key) for s in seeds],
+                                            [by_run[(reference, s)].get(key) for s in seeds])
         rows.append(row)
     return rows
 
@@ -295,7 +336,8 @@ def format_paired_table(paired: Sequence[dict]) -> str:
     if not paired:
         return ""
     reference = paired[0]["reference"]
-    lines = [f"paired differences to {reference} (same seed; mean [95 % t-interval])",
+    split = paired[0].get("split", "val")
+    lines = [f"paired differences to {reference} on {split} (same seed; mean [95 % t-interval])",
              f"{'method':<16} {'mIoU Δ per seed':<24} {'mIoU Δ':>22}   {'rare Δ':>22}"]
     for row in paired:
         per_seed = " ".join(f"{d:+.1f}" for d in row["miou"]["differences"]) or "n/a"
@@ -308,13 +350,18 @@ def _num(value: Optional[float], width: int = 6) -> str:
     return f"{'n/a':>{width}}" if value is None else f"{value:{width}.2f}"
 
 
-def format_accuracy_table(summary: Sequence[dict], rare_names: Sequence[str], seeds: Sequence[int]) -> str:
+def format_accuracy_table(summary: Sequence[dict], rare_names: Sequence[str], seeds: Sequence[int],
+                          split: str = "val") -> str:
+    """The summary on `split` (``val``, or ``test`` from the rows' ``test_*`` keys)."""
+    prefix = "test_" if split == "test" else ""
     lines = [f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}; rare classes: {', '.join(rare_names)}",
+             f"{split} split" + (" (held back: best.pt was chosen on val)" if split == "test" else ""),
              f"{'method':<16} {'mIoU mean ± std':>17} {'rare mIoU':>10}"]
     for row in summary:
-        std = "   n/a" if row["miou_std"] is None else f"{row['miou_std']:6.2f}"
-        lines.append(f"{row['method']:<16} {_num(row['miou_mean'], 8)} ± {std} "
-                     f"{_num(row['rare_miou_mean'], 10)}")
+        std_value = row.get(f"{prefix}miou_std")
+        std = "   n/a" if std_value is None else f"{std_value:6.2f}"
+        lines.append(f"{row['method']:<16} {_num(row.get(f'{prefix}miou_mean'), 8)} ± {std} "
+                     f"{_num(row.get(f'{prefix}rare_miou_mean'), 10)}")
     return "\n".join(lines)
 
 
@@ -342,13 +389,17 @@ def run_accuracy(config_path, methods: Sequence[str] = DEFAULT_METHODS, seeds: S
 
     config_record = {"path": str(config_path), "overrides": list(overrides),
                      "iterations": base.train.iterations, "out": str(out), "resolved": base.to_dict()}
+    with_test = bool(base.data.test)
     results: List[dict] = []
 
     def document() -> Dict[str, Any]:
-        doc = {"results": results, "summary": summarize(results, methods),
+        doc = {"split": "test" if with_test else "val", "results": results,
+               "summary": summarize(results, methods, with_test),
                "rare_classes": rare_names, "config": config_record}
         if reference is not None:
             doc["paired"] = paired_statistics(results, methods, reference)
+            if with_test:
+                doc["paired_test"] = paired_statistics(results, methods, reference, split="test")
         return doc
 
     total = len(methods) * len(seeds)
@@ -356,23 +407,91 @@ def run_accuracy(config_path, methods: Sequence[str] = DEFAULT_METHODS, seeds: S
         for method in methods:
             cfg = derive_config(base, method_changes(method, seed, full_list))
             summary, seconds = train_run(cfg, out / f"{method}-seed{seed}")
-            _, metrics = judged_metrics(summary["final"])
-            per_class = metrics["per_class_iou"]
-            names = metrics.get("class_names") or [str(i) for i in range(len(per_class))]
-            result = {
-                "method": method,
-                "seed": seed,
-                "miou": metrics["miou"],
-                "rare_miou": mean_iou_over(per_class, rare_indices),
-                "per_class_iou": dict(zip(names, per_class)),
-                "seconds": round(seconds, 2),
-            }
+            result = {"method": method, "seed": seed,
+                      **run_metrics(summary["final"], rare_indices),
+                      "seconds": round(seconds, 2),
+                      "seconds_per_iteration": round(seconds / base.train.iterations, 5)}
+            if with_test:
+                name, _ = judged_metrics(summary["final"])
+                # the same judged model as on val (the teacher once ready)
+                test = run_metrics({name: summary["final_test"][name]}, rare_indices)
+                result.update({f"test_{key}": value for key, value in test.items()})
             results.append(result)
-            print(f"[{len(results)}/{total}] {method} seed {seed}: mIoU {_num(result['miou']).strip()}, "
-                  f"rare mIoU {_num(result['rare_miou']).strip()} ({seconds:.0f} s)")
+            line = (f"[{len(results)}/{total}] {method} seed {seed}: val mIoU {_num(result['miou']).strip()}, "
+                    f"rare mIoU {_num(result['rare_miou']).strip()}")
+            if with_test:
+                line += (f"; test mIoU {_num(result['test_miou']).strip()}, "
+                         f"rare mIoU {_num(result['test_rare_miou']).strip()}")
+            print(f"{line} ({seconds:.0f} s)")
             # rewritten after every run: hours of finished runs survive a later failure
             write_json(out / RESULTS_FILE, document())
-    return document()
+    final = document()
+    pictures = write_pictures(final, methods, out)
+    print(f"pictures: {', '.join(str(p) for p in pictures)}")
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------
+
+CURVES_FILE, CLASS_BARS_FILE, FRONTIER_FILE = "miou_curves.png", "per_class_iou.png", "frontier.png"
+
+
+def aggregate_curves(curves: Sequence[Curve]) -> Band:
+    """Mean, minimum and maximum over seeds at every iteration all `curves` evaluated."""
+    if not curves:
+        return [], [], [], []
+    common = sorted(set.intersection(*(set(iterations) for iterations, _ in curves)))
+    at = [dict(zip(iterations, values)) for iterations, values in curves]
+    columns = [[curve[i] for curve in at] for i in common]
+    return (common, [statistics.fmean(c) for c in columns], [min(c) for c in columns],
+            [max(c) for c in columns])
+
+
+def run_curve(run_dir: Path, split: str) -> Curve:
+    """The judged model's (teacher if the run evaluated one, else student) mIoU over iterations
+    on `split`, from the run's metrics.jsonl."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    return miou_curve(records, main_model(records), "test_miou" if split == "test" else "miou")
+
+
+def mean_per_class(rows: Sequence[Dict[str, Optional[float]]], names: Sequence[str]) -> List[Optional[float]]:
+    """Per-class mean over runs, leaving out runs without an IoU for the class (None if none has)."""
+    means = []
+    for name in names:
+        values = [row[name] for row in rows if row.get(name) is not None]
+        means.append(statistics.fmean(values) if values else None)
+    return means
+
+
+def write_pictures(document: Dict[str, Any], methods: Sequence[str], out: Path) -> List[Path]:
+    """The three PNGs of a finished benchmark (module docstring) on the document's split."""
+    split = document["split"]
+    prefix = "test_" if split == "test" else ""
+    results = document["results"]
+    ran = [m for m in methods if any(r["method"] == m for r in results)]
+    by_method = {m: [r for r in results if r["method"] == m] for m in ran}
+    bands = {m: aggregate_curves([run_curve(out / f"{m}-seed{r['seed']}", split) for r in rows])
+             for m, rows in by_method.items()}
+    paths = [plot_miou_bands(bands, out / CURVES_FILE,
+                             title=f"{split} mIoU (mean over seeds, band min–max)")]
+    names = list(results[0][f"{prefix}per_class_iou"]) if results else []
+    series = {m: mean_per_class([r[f"{prefix}per_class_iou"] for r in rows], names)
+              for m, rows in by_method.items()}
+    rare = [names.index(n) for n in document["rare_classes"] if n in names]
+    paths.append(plot_class_iou_bars(series, names, out / CLASS_BARS_FILE,
+                                     title=f"{split} per-class IoU (mean over seeds; rare in bold)",
+                                     highlight=rare))
+    points = {}
+    for m, rows in by_method.items():
+        mious = [r[f"{prefix}miou"] for r in rows if r.get(f"{prefix}miou") is not None]
+        if mious:
+            seconds = statistics.fmean(r["seconds_per_iteration"] for r in rows)
+            points[m] = (seconds, statistics.fmean(mious), min(mious), max(mious))
+    paths.append(plot_cost_frontier(points, out / FRONTIER_FILE,
+                                    title=f"final {split} mIoU against cost (whiskers min–max)"))
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,9 +524,10 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     results_path = Path(document["config"]["out"]) / RESULTS_FILE
     if args.json:
         write_json(Path(args.json), document)
-    print(format_accuracy_table(document["summary"], document["rare_classes"], args.seeds))
+    split = document["split"]
+    print(format_accuracy_table(document["summary"], document["rare_classes"], args.seeds, split))
     if "paired" in document:
-        print(format_paired_table(document["paired"]))
+        print(format_paired_table(document["paired_test" if split == "test" else "paired"]))
     print(f"results: {args.json or results_path}")
     return 0
 
@@ -425,6 +545,7 @@ def register_command(subparsers) -> None:
                    help="also report every other method's per-seed difference to this one, its "
                         "mean and 95 %% t-interval (mIoU and rare-class mIoU)")
     q.add_argument("--json", default=None, help="also write the results document here")
-    q.add_argument("--out", default=None, help="folder of the runs (default runs/bench-<config>-<time>)")
+    q.add_argument("--out", default=None, help="folder of the runs, the results document and the PNG pictures "
+                        "(default runs/bench-<config>-<time>)")
     add_overrides_arg(q, "for every run")
     q.set_defaults(func=cmd_accuracy)

@@ -14,7 +14,7 @@ from farcluss import __version__, bench, demo, export, predict
 from farcluss.cli_args import add_checkpoint_args, add_config_args, count_or_ratio, positive_int
 from farcluss.config import load_config
 from farcluss.data.benchmark import make_benchmark
-from farcluss.data.build import build_data
+from farcluss.data.build import EVAL_SPLITS, build_data
 from farcluss.data.check import check_samples
 from farcluss.data.cityscapes import convert_cityscapes
 from farcluss.data.splits import make_splits
@@ -63,19 +63,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         final = summary["final"]
         for name, metrics in final.items():
             print(f"{name}: mIoU {metrics['miou']:.2f}  pixel accuracy {metrics['pixel_accuracy']:.2f}")
+        for name, metrics in summary.get("final_test", {}).items():
+            print(f"{name} (test): mIoU {metrics['miou']:.2f}  pixel accuracy "
+                  f"{metrics['pixel_accuracy']:.2f}")
         print(f"best mIoU {summary['best_miou']:.2f} at iteration {summary['best_iteration']}; run folder {out}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    metrics = evaluate_checkpoint(cfg, args.checkpoint, model_name=args.model, progress=not args.json)
+    metrics = evaluate_checkpoint(cfg, args.checkpoint, model_name=args.model, progress=not args.json,
+                                  split=args.split)
     if args.json:
-        print(json.dumps({"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
+        print(json.dumps({"split": args.split, "miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
                           "pixel_accuracy": metrics["pixel_accuracy"],
                           "class_names": metrics.get("class_names")}))
         return 0
-    print(f"mIoU {metrics['miou']:.2f}   pixel accuracy {metrics['pixel_accuracy']:.2f}")
+    print(f"{args.split}: mIoU {metrics['miou']:.2f}   pixel accuracy {metrics['pixel_accuracy']:.2f}")
     names = metrics.get("class_names") or [str(i) for i in range(len(metrics["per_class_iou"]))]
     width = max(len(n) for n in names)
     for name, iou in zip(names, metrics["per_class_iou"]):
@@ -98,9 +102,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     data = build_data(cfg)
     n_classes = len(data.classes)
     problems: List[str] = []
-    for name, samples, require_mask in (("labeled", data.labeled, True),
-                                        ("unlabeled", data.unlabeled, False),
-                                        ("val", data.val, True)):
+    lists = [("labeled", data.labeled, True), ("unlabeled", data.unlabeled, False),
+             ("val", data.val, True)]
+    if cfg.data.test:
+        lists.append(("test", data.test, True))
+    for name, samples, require_mask in lists:
         found = check_samples(samples, n_classes, cfg.data.ignore_index, require_mask=require_mask)
         print(f"{name}: {len(samples)} samples, {len(found)} problem(s)")
         problems.extend(found)
@@ -120,6 +126,8 @@ def cmd_data(args: argparse.Namespace) -> int:
             kwargs["num_train"] = args.num_train
         if args.num_val is not None:
             kwargs["num_val"] = args.num_val
+        if args.num_test is not None:
+            kwargs["num_test"] = args.num_test
         path = make_benchmark(args.out, seed=args.seed, **kwargs)
         print(f"benchmark dataset ready in {path}")
         return 0
@@ -154,9 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start afresh even if last.pt exists")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on the validation list")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the validation (or test) list")
     add_config_args(p, config_required=False)
     add_checkpoint_args(p, model_default=None, model_help="default eval.model")
+    p.add_argument("--split", choices=EVAL_SPLITS, default="val",
+                   help="val (data.val, default) or test (data.test, the held-back list)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -180,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("make-benchmark", help="write the built-in long-tailed benchmark")
     q.add_argument("out")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--num-train", type=int, default=None)
-    q.add_argument("--num-val", type=int, default=None)
+    q.add_argument("--num-train", type=int, default=None, help="train images (default 2000)")
+    q.add_argument("--num-val", type=int, default=None, help="validation images (default 300)")
+    q.add_argument("--num-test", type=int, default=None,
+                   help="held-back test images, numbered after the val images (default 500)")
     q = data_sub.add_parser("cityscapes", help="convert *_labelIds.png to *_labelTrainIds.png")
     q.add_argument("root", help="Cityscapes root (holding gtFine/)")
     p.set_defaults(func=cmd_data)

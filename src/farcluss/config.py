@@ -107,6 +107,9 @@ class DataConfig:
     unlabeled: str = "splits/unlabeled.txt"
     #: split list of validation samples
     val: str = "splits/val.txt"
+    #: split list of held-back test samples (`image mask` per line), or null for none: evaluated
+    #: beside val at every evaluation but never used to choose anything (best.pt follows val only)
+    test: Optional[str] = None
     #: training crop (pixels, square)
     crop_size: int = bounded(321, gt=0)
     #: random rescale range of the weak view
@@ -325,7 +328,7 @@ class EvalConfig:
     stride_ratio: float = bounded(2.0 / 3.0, gt=0, le=1)
     #: which model `farcluss eval` and `predict` use when the checkpoint has both
     model: Literal["teacher", "student"] = "teacher"
-    #: None: every validation image; N: the first N (quick looks during training)
+    #: None: every validation (and test) image; N: the first N of each (quick looks during training)
     max_images: Optional[int] = bounded(None, gt=0)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from farcluss.config import Config, config_from_dict, input_stride
-from farcluss.data.build import build_data, eval_loader
+from farcluss.data.build import EvalSplit, build_data, eval_loader
 from farcluss.data.io import load_image, load_mask
 from farcluss.data.splits import Sample
 from farcluss.data.transforms import image_to_tensor
@@ -79,16 +79,17 @@ def checkpoint_models(path) -> Tuple[str, ...]:
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, model_name: Optional[str] = None,
-                        progress: bool = True) -> dict:
-    """Metrics of a checkpoint's `model_name` (default ``eval.model``) on the validation list of
-    `cfg`, evaluated as `cfg.eval` says, on `train.device`."""
+                        progress: bool = True, split: EvalSplit = "val") -> dict:
+    """Metrics of a checkpoint's `model_name` (default ``eval.model``) on the `split` list of
+    `cfg` (``val``, or ``test`` = ``data.test``), evaluated as `cfg.eval` says, on
+    `train.device`."""
     env = DistEnv()
     device = resolve_device(cfg.train.device, env)
     data = build_data(cfg, need_train=False)
     num_classes = len(data.classes)
     model, saved_cfg, _ = load_trained_model(Path(checkpoint), model_name or cfg.eval.model,
                                              num_classes=num_classes, device=device)
-    loader = eval_loader(cfg, data, num_classes, env)
+    loader = eval_loader(cfg, data, num_classes, env, split=split)
     e = cfg.eval
     return evaluate(model, loader, num_classes, mode=e.mode,
                     crop_size=e.crop_size or cfg.data.crop_size, stride_ratio=e.stride_ratio,

@@ -12,7 +12,7 @@
 The module draws and writes pages, nothing else: the predictions it shows come from
 `farcluss.inference`, the command line is in `farcluss.cli`, TensorBoard scalars in
 `farcluss.engine.tensorboard`. The plotting helpers take plain Python data so that
-`farcluss demo` reuses them to compare methods. Figures are drawn with matplotlib's object API
+`farcluss demo` and `farcluss bench accuracy` reuse them to compare methods. Figures are drawn with matplotlib's object API
 on the Agg canvas (no GUI, no global backend switch); matplotlib is imported by the first
 figure, because every command imports this module through the CLI and training never draws.
 """
@@ -83,13 +83,13 @@ def main_model(records: Sequence[MetricRecord]) -> str:
     return "teacher" if eval_records(records, "teacher") else "student"
 
 
-def miou_curve(records: Sequence[MetricRecord], model: str) -> Curve:
+def miou_curve(records: Sequence[MetricRecord], model: str, key: str = "miou") -> Curve:
     """(iterations, mIoU) of every evaluation of `model` (a resumed run may repeat iterations:
-    the latest value wins)."""
+    the latest value wins); `key` ``test_miou`` reads the test split's."""
     by_iteration: Dict[int, float] = {}
     for record in eval_records(records, model):
-        if record.get("miou") is not None:
-            by_iteration[int(record["iteration"])] = float(record["miou"])
+        if record.get(key) is not None:
+            by_iteration[int(record["iteration"])] = float(record[key])
     iterations = sorted(by_iteration)
     return iterations, [by_iteration[i] for i in iterations]
 
@@ -192,6 +192,43 @@ def plot_miou_curves(curves: Mapping[str, Curve], path, title: str = "validation
     ax.grid(alpha=0.3)
     if curves:
         ax.legend()
+    return _save(figure, path)
+
+
+#: iterations, mean, band low, band high of one method's curve over seeds
+Band = Tuple[Sequence[int], Sequence[float], Sequence[float], Sequence[float]]
+
+
+def plot_miou_bands(bands: Mapping[str, Band], path, title: str = "mIoU") -> Path:
+    """One line per label (the mean) with a shaded band (e.g. min–max over seeds)."""
+    figure = _new_figure(5.5, 3.6)
+    ax = figure.subplots()
+    for label, (iterations, mean, low, high) in bands.items():
+        if len(iterations):
+            (line,) = ax.plot(iterations, mean, marker="o", markersize=3, linewidth=1.4, label=label)
+            ax.fill_between(iterations, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if bands:
+        ax.legend()
+    return _save(figure, path)
+
+
+def plot_cost_frontier(points: Mapping[str, Tuple[float, float, float, float]], path,
+                       title: str = "accuracy against cost") -> Path:
+    """One point per label at (seconds per iteration, mean mIoU), whiskers from low to high."""
+    figure = _new_figure(5.5, 3.6)
+    ax = figure.subplots()
+    for label, (seconds, mean, low, high) in points.items():
+        ax.errorbar([seconds], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=3,
+                    label=label)
+        ax.annotate(label, (seconds, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("seconds per iteration")
+    ax.set_ylabel("final mIoU (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     return _save(figure, path)
 
 

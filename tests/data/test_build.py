@@ -45,7 +45,7 @@ def test_the_root_expands_the_home_folder(monkeypatch, tmp_path):
 
 def test_the_builtin_benchmark_is_reused_once_complete(monkeypatch, tmp_path, capsys, restore_logging):
     monkeypatch.setenv("FARCLUSS_CACHE", str(tmp_path / "cache"))
-    made = make_benchmark(default_benchmark_dir(), num_train=8, num_val=4, progress=False)
+    made = make_benchmark(default_benchmark_dir(), num_train=8, num_val=4, num_test=2, progress=False)
     setup_logging(rank=0)
     capsys.readouterr()
     assert dataset_root(load_config(None, [f"data.root={BUILTIN_BENCHMARK}"])) == made
@@ -114,3 +114,22 @@ def test_the_eval_loader_shards_without_padding_and_leaves_the_global_stream(roo
         seen.append(names)
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(s.name for s in data.val)
+
+
+def test_the_test_split_is_read_when_set_and_empty_otherwise(tmp_path):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2, n_test=3)
+    assert build_data(_cfg(root)).test == []
+    cfg = _cfg(root, "data.test=splits/test.txt")
+    data = build_data(cfg, need_train=False)
+    assert [s.name for s in data.test] == ["008", "009", "010"]
+    assert all(s.mask is not None for s in data.test)
+    # one loader for either split: the test loader yields the test images, the default val
+    env = DistEnv()
+    assert [b["name"][0] for b in eval_loader(cfg, data, 3, env, split="test")] == ["008", "009", "010"]
+    assert [b["name"][0] for b in eval_loader(cfg, data, 3, env)] == ["006", "007"]
+    limited = _cfg(root, "data.test=splits/test.txt", "eval.max_images=2")
+    assert len(val_dataset(limited, data, 3, split="test")) == 2
+    with pytest.raises(ConfigError, match="'data.test' is not set"):
+        eval_loader(_cfg(root), data, 3, env, split="test")
+    with pytest.raises(DataError, match="missing.txt"):
+        build_data(_cfg(root, "data.test=splits/missing.txt"))

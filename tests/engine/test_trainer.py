@@ -241,3 +241,60 @@ def test_the_final_evaluation_says_when_the_model_is_not_learning(tmp_path, monk
     assert ("not learning" in err) is flagged
     if flagged:
         assert f"only {names[0]} (95.0) are predicted" in err
+
+
+# ---- the held-back test split -------------------------------------------------------------------
+def _test_split_cfg(root, *extra):
+    return load_config(overrides=tiny_overrides(root, "farcluss", 2) + [
+        "train.eval_interval=1", "train.checkpoint_interval=1", "train.seed=5", *extra])
+
+
+def test_the_test_split_is_evaluated_beside_val_without_changing_the_run(tmp_path):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2, n_test=2)
+    torch.set_num_threads(1)
+    plain = Trainer(_test_split_cfg(root), tmp_path / "plain", resume=False).fit()
+    # the val list as the test list: the test numbers must be the val numbers exactly
+    same = Trainer(_test_split_cfg(root, "data.test=splits/val.txt"), tmp_path / "same",
+                   resume=False).fit()
+    assert plain["final_test"] == {}
+    assert set(same["final_test"]) == set(same["final"]) == {"teacher", "student"}
+    for name, metrics in same["final"].items():
+        assert same["final_test"][name] == metrics
+    # evaluating the test split draws no random number: the weights are the plain run's
+    plain_weights = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.pt")["student"]
+    same_weights = load_checkpoint(tmp_path / "same" / "checkpoints" / "last.pt")["student"]
+    assert all(torch.equal(plain_weights[k], same_weights[k]) for k in plain_weights)
+    for record in _records(tmp_path / "same", "eval"):
+        assert record["test_miou"] == record["miou"]
+        assert record["test_per_class_iou"] == record["per_class_iou"]
+    assert all("test_miou" not in r for r in _records(tmp_path / "plain", "eval"))
+
+    other = Trainer(_test_split_cfg(root, "data.test=splits/test.txt"), tmp_path / "other",
+                    resume=False).fit()
+    evals = _records(tmp_path / "other", "eval")
+    assert [(r["iteration"], r["model"]) for r in evals] == [
+        (1, "teacher"), (1, "student"), (2, "teacher"), (2, "student")]
+    assert evals[-2]["test_miou"] == other["final_test"]["teacher"]["miou"]
+    assert 0 <= other["final_test"]["student"]["miou"] <= 100
+
+
+def test_best_checkpoint_follows_val_only_never_test(tmp_path, monkeypatch):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2, n_test=2)
+    cfg = _test_split_cfg(root, "data.test=splits/test.txt", "train.iterations=3",
+                          "method.name=supervised")
+    trainer = Trainer(cfg, tmp_path / "run", resume=False)
+    # val peaks at iteration 2, test at iteration 3: best.pt must be iteration 2's
+    scores = {"val": iter([10.0, 30.0, 20.0]), "test": iter([50.0, 5.0, 60.0])}
+
+    def fake_split(split):
+        miou = next(scores[split])
+        return {"student": {"miou": miou, "per_class_iou": [miou] * 3, "pixel_accuracy": 50.0,
+                            "class_names": list(trainer.data.classes)}}
+
+    monkeypatch.setattr(trainer, "_evaluate_split", fake_split)
+    summary = trainer.fit()
+    assert (summary["best_miou"], summary["best_iteration"]) == (30.0, 2)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["iteration"] == 2
+    assert summary["final"]["student"]["miou"] == 20.0
+    assert summary["final_test"]["student"]["miou"] == 60.0
+    assert [r["test_miou"] for r in _records(tmp_path / "run", "eval")] == [50.0, 5.0, 60.0]

@@ -8,6 +8,7 @@ loading code as user data::
       masks/00000.png ...       mode 'L', class indices 0..C-1 (background = 0)
       classes.txt               one class name per line, background first
       splits/labeled.txt  splits/unlabeled.txt  splits/val.txt  splits/train_full.txt
+      splits/test.txt           held-back test images, numbered after the val images
       benchmark.json            generator version, parameters, counts, class frequencies
 
 Design. The training pipeline's strong view applies colour jitter (hue up to 0.25), grayscale and
@@ -25,7 +26,8 @@ pixels than the most common one.
 
 Every image is rendered from its own random stream, derived from ``(seed, split, index)``, so
 train image ``i`` is the same whatever ``num_train`` is, and two runs with one seed write
-byte-identical files.
+byte-identical files. The test split has its own stream too: adding it (generator version 2)
+left every train and val image, mask and split list of version 1 unchanged.
 """
 
 from __future__ import annotations
@@ -49,13 +51,13 @@ from farcluss.log import Progress
 
 # Bump whenever the rendered pixels, the split selection or the file layout change: a cached
 # benchmark written by another version is then regenerated instead of silently reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the held-back test split (splits/test.txt)
 
-SPLIT_FILES = ("labeled.txt", "unlabeled.txt", "val.txt", "train_full.txt")
+SPLIT_FILES = ("labeled.txt", "unlabeled.txt", "val.txt", "train_full.txt", "test.txt")
 METADATA_FILE = "benchmark.json"
 
-# Separate random streams for the two splits and for the labeled-subset draw.
-_TRAIN_STREAM, _VAL_STREAM, _SPLIT_STREAM = 0, 1, 2
+# Separate random streams for the three splits and for the labeled-subset draw.
+_TRAIN_STREAM, _VAL_STREAM, _SPLIT_STREAM, _TEST_STREAM = 0, 1, 2, 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,7 +501,8 @@ def benchmark_is_complete(path) -> bool:
     if metadata is None or metadata.get("generator_version") != GENERATOR_VERSION:
         return False
     try:
-        expected = int(metadata["counts"]["train"]) + int(metadata["counts"]["val"])
+        counts = metadata["counts"]
+        expected = int(counts["train"]) + int(counts["val"]) + int(counts["test"])
         images = sum(1 for entry in os.scandir(path / "images") if entry.name.endswith(".png"))
         masks = sum(1 for entry in os.scandir(path / "masks") if entry.name.endswith(".png"))
     except (KeyError, TypeError, ValueError, OSError):
@@ -511,7 +514,8 @@ def benchmark_is_complete(path) -> bool:
 
 
 def _validated_parameters(
-    seed: int, num_train: int, num_val: int, size_range: Sequence[int], labeled_fraction: float
+    seed: int, num_train: int, num_val: int, size_range: Sequence[int], labeled_fraction: float,
+    num_test: int,
 ) -> dict:
     def is_int(value) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
@@ -522,6 +526,8 @@ def _validated_parameters(
         raise ConfigError(f"benchmark num_train must be an integer >= 2, got {num_train!r}")
     if not is_int(num_val) or num_val < 1:
         raise ConfigError(f"benchmark num_val must be an integer >= 1, got {num_val!r}")
+    if not is_int(num_test) or num_test < 1:
+        raise ConfigError(f"benchmark num_test must be an integer >= 1, got {num_test!r}")
     if (
         len(size_range) != 2
         or not all(is_int(side) for side in size_range)
@@ -534,6 +540,7 @@ def _validated_parameters(
         "seed": int(seed),
         "num_train": int(num_train),
         "num_val": int(num_val),
+        "num_test": int(num_test),
         "size_range": [int(size_range[0]), int(size_range[1])],
         "labeled_fraction": float(labeled_fraction),
     }
@@ -557,19 +564,25 @@ def _class_table(counts: np.ndarray) -> Dict[str, float]:
 def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
     """Render every sample into `folder`, then the split lists, and `benchmark.json` last."""
     seed, num_train, num_val = parameters["seed"], parameters["num_train"], parameters["num_val"]
+    num_test = parameters["num_test"]
     size_range = tuple(parameters["size_range"])
     class_count = len(BENCHMARK_CLASSES)
     (folder / "images").mkdir()
     (folder / "masks").mkdir()
     (folder / "splits").mkdir()
 
+    # the width of version 1 (train and val only), so train and val keep their file names; a
+    # test index past it just takes more digits
     width = max(5, len(str(num_train + num_val - 1)))
-    names = [f"{index:0{width}d}.png" for index in range(num_train + num_val)]
-    pixel_counts = {"train": np.zeros(class_count, np.int64), "val": np.zeros(class_count, np.int64)}
-    image_counts = {"train": np.zeros(class_count, np.int64), "val": np.zeros(class_count, np.int64)}
+    names = [f"{index:0{width}d}.png" for index in range(num_train + num_val + num_test)]
+    splits = ("train", "val", "test")
+    pixel_counts = {split: np.zeros(class_count, np.int64) for split in splits}
+    image_counts = {split: np.zeros(class_count, np.int64) for split in splits}
     classes_per_image: List[np.ndarray] = []
 
-    jobs = [("train", _TRAIN_STREAM, i) for i in range(num_train)] + [("val", _VAL_STREAM, i) for i in range(num_val)]
+    jobs = ([("train", _TRAIN_STREAM, i) for i in range(num_train)]
+            + [("val", _VAL_STREAM, i) for i in range(num_val)]
+            + [("test", _TEST_STREAM, i) for i in range(num_test)])
     bar = Progress(len(jobs), desc="benchmark", every=max(1, len(jobs) // 10), enabled=progress)
     for name, (split, stream, index) in zip(names, jobs):
         image, mask = _render_sample(seed, stream, index, size_range)
@@ -590,7 +603,8 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
     _write_split(folder / "splits" / "labeled.txt", [names[i] for i in labeled])
     _write_split(folder / "splits" / "unlabeled.txt", [names[i] for i in unlabeled])
     _write_split(folder / "splits" / "train_full.txt", names[:num_train])
-    _write_split(folder / "splits" / "val.txt", names[num_train:])
+    _write_split(folder / "splits" / "val.txt", names[num_train:num_train + num_val])
+    _write_split(folder / "splits" / "test.txt", names[num_train + num_val:])
     (folder / "classes.txt").write_text("".join(f"{name}\n" for name in BENCHMARK_CLASSES), encoding="utf-8")
 
     labeled_image_counts = np.sum(np.stack(classes_per_image)[labeled], axis=0)
@@ -601,6 +615,7 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
         "counts": {
             "train": num_train,
             "val": num_val,
+            "test": num_test,
             "labeled": int(labeled.size),
             "unlabeled": int(unlabeled.size),
         },
@@ -611,6 +626,7 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
         "class_image_counts": {
             "train": dict(zip(BENCHMARK_CLASSES, map(int, image_counts["train"]))),
             "val": dict(zip(BENCHMARK_CLASSES, map(int, image_counts["val"]))),
+            "test": dict(zip(BENCHMARK_CLASSES, map(int, image_counts["test"]))),
             "labeled": dict(zip(BENCHMARK_CLASSES, map(int, labeled_image_counts))),
         },
     }
@@ -632,12 +648,15 @@ def make_benchmark(
     size_range: Tuple[int, int] = (64, 96),
     labeled_fraction: float = 1 / 16,
     progress: bool = True,
+    num_test: int = 500,
 ) -> Path:
     """Generate the benchmark into `out_dir` (or reuse it) and return its path.
 
     Splits: ``labeled`` is a seeded random ``labeled_fraction`` of the train images, ``unlabeled``
     the rest of train, ``train_full`` all of train (the supervised ceiling), ``val`` the
-    ``num_val`` validation images. Image sides are drawn uniformly from ``size_range``.
+    ``num_val`` validation images (for model selection), ``test`` the ``num_test`` held-back
+    test images (never used to choose anything; report them once the choices are made on val).
+    Image sides are drawn uniformly from ``size_range``.
 
     The build goes into a hidden staging folder beside `out_dir` that is renamed to `out_dir`
     only when complete, so an interrupted run never leaves a half dataset under the final name.
@@ -645,7 +664,7 @@ def make_benchmark(
     unchanged; one with other parameters or another version is replaced. A non-empty folder that
     is not a benchmark is never touched (DataError).
     """
-    parameters = _validated_parameters(seed, num_train, num_val, size_range, labeled_fraction)
+    parameters = _validated_parameters(seed, num_train, num_val, size_range, labeled_fraction, num_test)
     out = Path(out_dir).expanduser()
     if _is_same_benchmark(out, parameters):
         return out

@@ -1,10 +1,10 @@
-"""From a validated config to the class list, the three sample lists and the evaluation loader."""
+"""From a validated config to the class list, the sample lists and the evaluation loaders."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -28,6 +28,8 @@ class DataBundle:
     labeled: List[Sample]
     unlabeled: List[Sample]
     val: List[Sample]
+    #: held-back test samples (``data.test``); empty when the config has none
+    test: List[Sample] = field(default_factory=list)
 
 
 BUILTIN_BENCHMARK = "builtin:benchmark"
@@ -75,25 +77,44 @@ def build_data(cfg: Config, need_unlabeled: Optional[bool] = None, need_train: b
     unlabeled = (read_split(_split_path(root, d.unlabeled), root, require_mask=False)
                  if need_train and need_unlabeled else [])
     val = read_split(_split_path(root, d.val), root, require_mask=True)
+    test = read_split(_split_path(root, d.test), root, require_mask=True) if d.test else []
     if labeled and unlabeled:
         duplicated = duplicates_between(labeled, unlabeled)
         if duplicated:
             logger.warning("%d image(s) are in both %s and %s, e.g. %s", len(duplicated),
                            d.labeled, d.unlabeled, duplicated[0])
-    return DataBundle(root, classes, labeled, unlabeled, val)
+    return DataBundle(root, classes, labeled, unlabeled, val, test)
 
 
-def val_dataset(cfg: Config, data: DataBundle, num_classes: int) -> SegmentationDataset:
+EvalSplit = Literal["val", "test"]
+EVAL_SPLITS = ("val", "test")
+
+
+def eval_samples(cfg: Config, data: DataBundle, split: EvalSplit = "val") -> List[Sample]:
+    """The samples of an evaluation split: ``val``, or ``test`` (ConfigError when ``data.test``
+    is not set)."""
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"unknown evaluation split '{split}' (choose from {', '.join(EVAL_SPLITS)})")
+    if split == "test" and not cfg.data.test:
+        raise ConfigError("config key 'data.test' is not set: there is no test split to evaluate")
+    return data.test if split == "test" else data.val
+
+
+def val_dataset(cfg: Config, data: DataBundle, num_classes: int,
+                split: EvalSplit = "val") -> SegmentationDataset:
+    """The evaluation dataset of `split` (``val`` or ``test``), the first ``eval.max_images``."""
     d = cfg.data
-    samples = data.val
+    samples = eval_samples(cfg, data, split)
     if cfg.eval.max_images is not None:
         samples = samples[: cfg.eval.max_images]
     return SegmentationDataset(samples, num_classes, d.ignore_index,
                                EvalTransform(mean=d.mean, std=d.std), mode="val")
 
 
-def eval_loader(cfg: Config, data: DataBundle, num_classes: int, env) -> DataLoader:
-    dataset = val_dataset(cfg, data, num_classes)
+def eval_loader(cfg: Config, data: DataBundle, num_classes: int, env,
+                split: EvalSplit = "val") -> DataLoader:
+    """Batch-1 loader of `split` (``val`` or ``test``), sharded over the ranks."""
+    dataset = val_dataset(cfg, data, num_classes, split)
     sampler = EvalSampler(len(dataset), rank=env.rank, world_size=env.world_size)
     workers = min(cfg.train.num_workers, 2)
     # a private generator for the worker seeds: evaluating must not advance the global torch

@@ -55,7 +55,7 @@ class TensorBoardLogger:
         elif kind == "eval":
             model = record.get("model", "model")
             names = record.get("class_names") or self.class_names
-            for key in ("miou", "pixel_accuracy"):
+            for key in ("miou", "pixel_accuracy", "test_miou", "test_pixel_accuracy"):
                 if _is_number(record.get(key)):
                     self.writer.add_scalar(f"eval/{model}/{key}", record[key], step)
             for index, iou in enumerate(record.get("per_class_iou") or []):

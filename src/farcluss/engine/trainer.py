@@ -123,6 +123,8 @@ class Trainer:
         self.best_miou = -1.0
         self.best_iteration = -1
         self.resumed_from: Optional[int] = None
+        #: the last evaluation's test-split metrics per model ({} without data.test)
+        self.test_results: Dict[str, dict] = {}
         self.stop_request = StopRequest(cfg.train.stop_signals)
         self._resume(resume)
 
@@ -278,25 +280,39 @@ class Trainer:
         return batch
 
     # ---- evaluation -----------------------------------------------------------------------------
-    def evaluate_models(self) -> Dict[str, dict]:
-        loader = eval_loader(self.cfg, self.data, self.num_classes, self.env)
+    def _evaluate_split(self, split: str) -> Dict[str, dict]:
+        """Metrics of the judged models (the teacher once ready, and the student) on `split`."""
+        loader = eval_loader(self.cfg, self.data, self.num_classes, self.env, split=split)
         e = self.cfg.eval
         results = {}
         models = [("student", self.student)]
         if self.teacher is not None and self.method.teacher_ready(self.iteration):
             models.insert(0, ("teacher", self.teacher))
         for name, model in models:
-            metrics = evaluate(model, loader, self.num_classes, mode=e.mode,
-                               crop_size=e.crop_size or self.cfg.data.crop_size,
-                               stride_ratio=e.stride_ratio,
-                               ignore_index=self.cfg.data.ignore_index, device=self.device,
-                               reduce=all_reduce_sum, class_names=self.data.classes,
-                               output_stride=input_stride(self.cfg))
-            results[name] = metrics
-            self._log({"type": "eval", "iteration": self.iteration, "model": name,
-                       "miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
-                       "pixel_accuracy": metrics["pixel_accuracy"],
-                       "class_names": list(self.data.classes)})
+            results[name] = evaluate(model, loader, self.num_classes, mode=e.mode,
+                                     crop_size=e.crop_size or self.cfg.data.crop_size,
+                                     stride_ratio=e.stride_ratio,
+                                     ignore_index=self.cfg.data.ignore_index, device=self.device,
+                                     reduce=all_reduce_sum, class_names=self.data.classes,
+                                     output_stride=input_stride(self.cfg))
+        return results
+
+    def evaluate_models(self) -> Dict[str, dict]:
+        """Val metrics per model (what best.pt is chosen by). With ``data.test`` set the same
+        models are also evaluated on the test split, kept in `test_results` and logged beside
+        val as ``test_*`` fields of the eval record (curves only: nothing is chosen by them)."""
+        results = self._evaluate_split("val")
+        self.test_results = self._evaluate_split("test") if self.cfg.data.test else {}
+        for name, metrics in results.items():
+            record = {"type": "eval", "iteration": self.iteration, "model": name,
+                      "miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
+                      "pixel_accuracy": metrics["pixel_accuracy"],
+                      "class_names": list(self.data.classes)}
+            test = self.test_results.get(name)
+            if test is not None:
+                record.update(test_miou=test["miou"], test_per_class_iou=test["per_class_iou"],
+                              test_pixel_accuracy=test["pixel_accuracy"])
+            self._log(record)
         return results
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -389,7 +405,7 @@ class Trainer:
         signum = self.stop_request.signum
         self._log({"type": "stop", "iteration": self.iteration, "signal": signal_name(signum)})
         return {"iteration": self.iteration, "best_miou": self.best_miou,
-                "best_iteration": self.best_iteration, "final": {},
+                "best_iteration": self.best_iteration, "final": {}, "final_test": {},
                 "run_dir": str(self.paths.root), "stopped_by": signum,
                 "checkpoint": str(self.paths.last)}
 
@@ -453,4 +469,4 @@ class Trainer:
         self._warn_if_not_learning(last_results)
         return {"iteration": self.iteration, "best_miou": self.best_miou,
                 "best_iteration": self.best_iteration, "final": last_results,
-                "run_dir": str(self.paths.root)}
+                "final_test": self.test_results, "run_dir": str(self.paths.root)}
