@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from farcluss import cli
 from farcluss.config import load_config
@@ -183,9 +184,16 @@ def test_bad_parameters_are_config_errors_naming_them(tmp_path, key, value):
         make_digits(tmp_path / "x", **{**TINY, key: value})
 
 
+def test_the_source_digits_are_sklearns_load_digits():
+    bunch = load_digits()
+    images, targets = digits._source_digits()
+    assert np.array_equal(images * 16.0, bunch.images) and np.array_equal(targets, bunch.target)
+
+
+@pytest.mark.parametrize("missing", ["SKLEARN_DIGITS", "skimage_data"])
 def test_without_the_data_extra_the_error_says_what_to_install(monkeypatch, tmp_path, capsys,
-                                                               restore_logging):
-    monkeypatch.setattr(digits, "load_digits", None)
+                                                               restore_logging, missing):
+    monkeypatch.setattr(digits, missing, None)
     with pytest.raises(DataError, match=r"pip install farcluss\[data\]"):
         make_digits(tmp_path / "x", **TINY)
     monkeypatch.setenv("FARCLUSS_CACHE", str(tmp_path / "cache"))

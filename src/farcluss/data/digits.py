@@ -1,6 +1,6 @@
 """The built-in digits dataset: real handwriting on real photographs, long-tailed, from a seed.
 
-scikit-learn's 1,797 bundled handwritten digits (8x8, ``sklearn.datasets.load_digits``) are
+scikit-learn's 1,797 bundled handwritten digits (8x8, the data of ``sklearn.datasets.load_digits``) are
 upscaled smoothly, tinted and pasted onto random crops of scikit-image's bundled photographs
 (``skimage.data``). The mask of a digit is its stroke region (the smooth upscaled strokes,
 thresholded and dilated by one pixel). Written in the generic folder layout, like the benchmark::
@@ -30,12 +30,13 @@ byte-identical files, and train image ``i`` does not depend on the split sizes.
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import json
-import math
 import shutil
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -46,11 +47,17 @@ from farcluss.errors import ConfigError, DataError
 from farcluss.log import Progress
 
 try:  # the `data` extra: pip install farcluss[data]
-    from sklearn.datasets import load_digits
     from skimage import data as skimage_data
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
-    load_digits = None
     skimage_data = None
+
+# The file `sklearn.datasets.load_digits` reads, found without importing scikit-learn: importing
+# sklearn.datasets costs ~1.6 s of CPU, which every farcluss process would pay (build.py imports
+# this module). tests/data/test_digits.py checks that it gives load_digits()'s arrays.
+_SKLEARN = importlib.util.find_spec("sklearn")
+SKLEARN_DIGITS: Optional[Path] = (
+    Path(_SKLEARN.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if _SKLEARN is not None and _SKLEARN.submodule_search_locations else None)
 
 # Bump whenever the rendered pixels, the split selection or the file layout change.
 GENERATOR_VERSION = 1
@@ -74,8 +81,10 @@ PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "h
 
 
 def _require_dependencies() -> None:
-    if load_digits is None or skimage_data is None:
+    if SKLEARN_DIGITS is None or skimage_data is None:
         raise DataError(MISSING_DEPENDENCY)
+    if not SKLEARN_DIGITS.is_file():
+        raise DataError(f"{SKLEARN_DIGITS} is missing: reinstall scikit-learn (pip install farcluss[data])")
 
 
 @lru_cache(maxsize=None)
@@ -104,9 +113,12 @@ def _region(shape: Tuple[int, int], split: str) -> Tuple[int, int, int, int]:
 
 @lru_cache(maxsize=None)
 def _source_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """sklearn's 1,797 digits: images N x 8 x 8 in [0, 1] (float32) and labels N (int64)."""
     _require_dependencies()
-    bunch = load_digits()
-    return bunch.images.astype(np.float32) / 16.0, bunch.target.astype(np.int64)
+    with gzip.open(SKLEARN_DIGITS, "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",")
+    images = table[:, :-1].reshape(-1, 8, 8).astype(np.float32) / 16.0
+    return images, table[:, -1].astype(np.int64)
 
 
 def source_split(seed: int) -> Dict[str, np.ndarray]:
