@@ -60,7 +60,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from farcluss.cli_args import add_overrides_arg
-from farcluss.config import Config, config_from_dict, load_config
+from farcluss.config import Config, derive_config, load_config
 from farcluss.data.benchmark import benchmark_is_complete
 from farcluss.data.build import build_data, dataset_root
 from farcluss.data.io import load_mask
@@ -131,15 +131,6 @@ def mean_iou_over(per_class_iou: Sequence[Optional[float]], indices: Sequence[in
 # ---------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------
-
-
-def derive_config(cfg: Config, changes: Dict[str, Any]) -> Config:
-    """A validated copy of `cfg` with dotted keys replaced, e.g. {"train.seed": 1}."""
-    tree = cfg.to_dict()
-    for key, value in changes.items():
-        section, name = key.split(".")
-        tree[section][name] = value
-    return config_from_dict(tree)
 
 
 def judged_metrics(final: Dict[str, dict]) -> Tuple[str, dict]:

@@ -16,6 +16,7 @@ from farcluss.config import load_config
 from farcluss.data.benchmark import make_benchmark
 from farcluss.data.build import EVAL_SPLITS, build_data
 from farcluss.data.check import check_samples
+from farcluss.data.digits import make_digits
 from farcluss.data.cityscapes import convert_cityscapes
 from farcluss.data.splits import make_splits
 from farcluss.engine.distributed import cleanup, env_from_environment, init_distributed
@@ -55,7 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary.get("stopped_by") is not None:
 
         if env.is_main:
-            print_stop(stop_message(summary["iteration"], cfg.train.iterations, summary["stopped_by"],
+            print_stop(stop_message(summary["iteration"], trainer.cfg.train.iterations,
+                                    summary["stopped_by"],
                                     summary["checkpoint"],
                                     resume_command(args.config, args.overrides, out, env.distributed)))
         return exit_status(summary["stopped_by"])
@@ -131,11 +133,17 @@ def cmd_data(args: argparse.Namespace) -> int:
         path = make_benchmark(args.out, seed=args.seed, **kwargs)
         print(f"benchmark dataset ready in {path}")
         return 0
+    if args.data_command == "make-digits":
+        kwargs = {name: getattr(args, name) for name in ("num_train", "num_val", "num_test")
+                  if getattr(args, name) is not None}
+        path = make_digits(args.out, seed=args.seed, **kwargs)
+        print(f"digits dataset ready in {path}")
+        return 0
     if args.data_command == "cityscapes":
         n = convert_cityscapes(args.root)
         print(f"wrote {n} *_labelTrainIds.png files under {args.root}")
         return 0
-    raise FarclussError("farcluss data needs a subcommand: make-benchmark or cityscapes")
+    raise FarclussError("farcluss data needs a subcommand: make-benchmark, make-digits or cityscapes")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -194,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-val", type=int, default=None, help="validation images (default 300)")
     q.add_argument("--num-test", type=int, default=None,
                    help="held-back test images, numbered after the val images (default 500)")
+    q = data_sub.add_parser("make-digits", help="write the built-in long-tailed digits dataset "
+                                                 "(needs pip install farcluss[data])")
+    q.add_argument("out")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--num-train", type=int, default=None)
+    q.add_argument("--num-val", type=int, default=None)
+    q.add_argument("--num-test", type=int, default=None)
     q = data_sub.add_parser("cityscapes", help="convert *_labelIds.png to *_labelTrainIds.png")
     q.add_argument("root", help="Cityscapes root (holding gtFine/)")
     p.set_defaults(func=cmd_data)

@@ -15,7 +15,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Literal, Optional, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
@@ -95,7 +95,7 @@ class DataConfig:
 
     #: dataset preset: folder (images/, masks/, classes.txt), voc, voc_blended, cityscapes
     preset: Literal["folder", "voc", "voc_blended", "cityscapes"] = "folder"
-    #: dataset folder; split paths are relative to it; builtin:benchmark = the built-in dataset
+    #: dataset folder; split paths are relative to it; builtin:benchmark | builtin:digits = a built-in dataset (made once in the farcluss cache)
     root: str = ""
     #: a file with one class name per line, or the list itself; empty → preset / root/classes.txt
     classes: Union[str, List[str], None] = None
@@ -256,6 +256,10 @@ STOP_SIGNAL_NAMES = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQU
 class TrainConfig:
     #: training iterations (the poly schedule ends here)
     iterations: int = bounded(1000, gt=0)
+    #: None: run train.iterations; E: run E passes over the unlabeled images (the labeled ones for
+    #: method supervised) instead, ceil(E × images / (batch × world size)) iterations, which
+    #: replace train.iterations (epochs wins when both are set; the log says so)
+    epochs: Optional[float] = bounded(None, gt=0)
     #: labeled images per process per iteration
     batch_size: int = bounded(8, gt=0)
     #: unlabeled images per process per iteration; None → batch_size
@@ -552,6 +556,15 @@ def _read_yaml_chain(path: Path, seen: Optional[set] = None) -> list[dict]:
 def config_from_dict(tree: dict) -> Config:
     """Rebuild a config saved in a run folder or checkpoint (validated again)."""
     return load_config(base=tree)
+
+
+def derive_config(cfg: Config, changes: Dict[str, Any]) -> Config:
+    """A validated copy of `cfg` with dotted keys replaced, e.g. {"train.seed": 1}."""
+    tree = cfg.to_dict()
+    for key, value in changes.items():
+        section, name = key.split(".")
+        tree[section][name] = value
+    return config_from_dict(tree)
 
 
 def _require(condition: bool, key: str, message: str) -> None:

@@ -36,14 +36,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from farcluss.bench import (
     check_fresh_run_dir,
-    derive_config,
     judged_metrics,
     mean_iou_over,
     rare_classes_of,
     train_run,
 )
 from farcluss.cli_args import add_overrides_arg, positive_int
-from farcluss.config import Config, load_config
+from farcluss.config import Config, derive_config, load_config
 from farcluss.data.build import build_data, dataset_root
 from farcluss.engine.trainer import Trainer
 from farcluss.errors import ConfigError, FarclussError

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from farcluss.config import Config
 from farcluss.data.benchmark import benchmark_is_complete, default_benchmark_dir, make_benchmark
+from farcluss.data.digits import default_digits_dir, digits_is_complete, make_digits
 from farcluss.data.datasets import SegmentationDataset, read_classes, resolve_preset
 from farcluss.data.sampler import EvalSampler
 from farcluss.data.splits import Sample, duplicates_between, read_split
@@ -33,10 +34,12 @@ class DataBundle:
 
 
 BUILTIN_BENCHMARK = "builtin:benchmark"
+BUILTIN_DIGITS = "builtin:digits"
 
 
 def dataset_root(cfg: Config) -> Path:
-    """`data.root`, where ``builtin:benchmark`` names the built-in dataset (made on first use)."""
+    """`data.root`, where ``builtin:benchmark`` and ``builtin:digits`` name the built-in datasets
+    (made on first use in the farcluss cache)."""
     if not cfg.data.root:
         raise ConfigError("config key 'data.root' is empty: set it to the dataset folder")
     if cfg.data.root == BUILTIN_BENCHMARK:
@@ -44,6 +47,12 @@ def dataset_root(cfg: Config) -> Path:
         if not benchmark_is_complete(path):
             logger.info("making the built-in benchmark dataset in %s (once)", path)
             make_benchmark(path)
+        return path
+    if cfg.data.root == BUILTIN_DIGITS:
+        path = default_digits_dir()
+        if not digits_is_complete(path):
+            logger.info("making the built-in digits dataset in %s (once)", path)
+            make_digits(path)
         return path
     return Path(cfg.data.root).expanduser()
 

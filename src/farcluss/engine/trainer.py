@@ -28,6 +28,7 @@ from farcluss.engine.signals import StopRequest, ignore_in_worker, signal_name
 from farcluss.engine.optim import build_optimizer, set_poly_lr
 from farcluss.engine.device import autocast_context, configure_backends, resolve_amp, resolve_device
 from farcluss.engine.run_folder import RunFolder, to_loggable
+from farcluss.engine.schedule import with_epoch_schedule
 from farcluss.errors import CheckpointError, FarclussError
 from farcluss.evaluate import evaluate
 from farcluss.log import Progress, get_logger
@@ -84,6 +85,9 @@ class Trainer:
         self.data = data or build_data(cfg)
         if data is None and self.env.distributed and self.env.is_main:
             barrier()
+        # train.epochs → train.iterations, before anything reads the schedule length
+        cfg = self.cfg = with_epoch_schedule(cfg, self.data, self.env.world_size,
+                                             log=self.env.is_main)
         self.num_classes = len(self.data.classes)
         self.run_folder = RunFolder(Path(out_dir), writes=self.env.is_main,
                                     tensorboard=cfg.train.tensorboard, classes=self.data.classes)
