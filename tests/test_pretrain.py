@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_overrides
 
 from farcluss import pretrain as pt
 from farcluss.cli import main
+from farcluss.engine.trainer import Trainer
 from farcluss.config import ModelConfig, load_config
 from farcluss.errors import CheckpointError, ConfigError
 from farcluss.models import build_model, load_pretrained
@@ -219,3 +221,28 @@ def test_cli_pretrain_writes_weights_and_sidecar(tmp_path, capsys):
     assert record["seed"] == 1 and record["train"]["iterations"] == 2
     with pytest.raises(SystemExit):
         main(["pretrain", "--iterations", "0"])
+
+
+# ---- the trainer ------------------------------------------------------------------------------------
+def test_trainer_loads_builtin_pretrained_and_refuses_a_tampered_file(tiny_dataset, tmp_path,
+                                                                     monkeypatch, capsys):
+    monkeypatch.setenv("FARCLUSS_CACHE", str(tmp_path / "cache"))
+    real = pt.pretrain
+    monkeypatch.setattr(pt, "pretrain", lambda *a, **k: real(*a, train=TINY_TRAIN,
+                                                              task_settings=TINY_TASK, **k))
+    overrides = tiny_overrides(tiny_dataset, "supervised", iterations=1) + [
+        "model.pretrained=builtin:pretrained"]
+    trainer = Trainer(load_config(None, overrides), tmp_path / "run")
+    path = tmp_path / "cache" / "pretrained-resnet18-w8-v1-seed0.pt"
+    saved = torch.load(path, weights_only=True)
+    for key, value in trainer.student.backbone.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+    data = bytearray(path.read_bytes())
+    data[-30] ^= 0xFF
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    code = main(["train", "--out", str(tmp_path / "run2"),
+                 *[arg for item in overrides for arg in ("--set", item)]])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(err) == 1 and "sha256 mismatch" in err[0] and str(path) in err[0]
