@@ -27,7 +27,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -390,11 +390,11 @@ def resolve_pretrained(model: ModelConfig, device: str = "cpu"
 def cmd_pretrain(args: argparse.Namespace) -> int:
     train = TrainSettings(iterations=args.iterations)
     if args.batch_size is not None:
-        train = TrainSettings(iterations=args.iterations, batch_size=args.batch_size)
-    record = pretrain(args.out, backbone=args.backbone, base_width=args.base_width,
-                      seed=args.seed, threads=args.threads, device=args.device, train=train)
+        train = replace(train, batch_size=args.batch_size)
     out = Path(args.out) if args.out else default_pretrained_path(args.backbone, args.base_width,
                                                                   args.seed)
+    record = pretrain(out, backbone=args.backbone, base_width=args.base_width, seed=args.seed,
+                      threads=args.threads, device=args.device, train=train)
     print(f"train accuracy {record['train_accuracy']:.1f} %  held-out accuracy "
           f"{record['heldout_accuracy']:.1f} %  ({record['seconds']:.0f} s)")
     print(f"wrote {out} (sha256 {record['sha256']}) and {sidecar_path(out)}")
