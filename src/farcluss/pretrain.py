@@ -118,7 +118,7 @@ def load_photo_bank(size: int) -> torch.Tensor:
     """The photographs as ``P×3×size×size`` floats in [0, 1] (resized with antialiasing)."""
     if skimage_data is None:
         raise FarclussError("farcluss pretrain needs scikit-image for its photographs: "
-                            "pip install scikit-image")
+                            "pip install scikit-image (or farcluss[pretrain])")
     bank = []
     for name in PHOTOS:
         image = torch.from_numpy(_photo(name)).permute(2, 0, 1)[None]
