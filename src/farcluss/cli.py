@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from farcluss import __version__, bench, demo, export, predict
+from farcluss import __version__, bench, demo, export, predict, pretrain
 from farcluss.cli_args import add_checkpoint_args, add_config_args, count_or_ratio, positive_int
 from farcluss.config import load_config
 from farcluss.data.benchmark import make_benchmark
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("root", help="Cityscapes root (holding gtFine/)")
     p.set_defaults(func=cmd_data)
 
-    for module in (demo, bench, predict, export):
+    for module in (demo, bench, predict, export, pretrain):
         module.register_command(sub)
 
     p = sub.add_parser("report", help="plots and an HTML page of a run folder")

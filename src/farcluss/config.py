@@ -146,7 +146,7 @@ class ModelConfig:
     base_width: int = bounded(64, ge=4)
     #: width of the deep stem's convs; None → base_width (UniMatch's ResNet-v1c files use 128)
     stem_width: Optional[int] = None
-    #: registry name, local file or URL of ImageNet backbone weights; None = random init
+    #: registry name, local file or URL of ImageNet backbone weights; builtin:pretrained = the project's own ResNet encoder (`farcluss pretrain`, made once under ~/.cache/farcluss, sha256-checked); None = random init
     pretrained: Optional[str] = None
     #: expected sha256 (or prefix) of the pretrained file
     pretrained_sha256: Optional[str] = None

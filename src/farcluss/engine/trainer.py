@@ -35,6 +35,7 @@ from farcluss.log import Progress, get_logger
 from farcluss.methods import build_method
 from farcluss.methods.base import Batch, LossOutput
 from farcluss.models.pretrained import load_pretrained
+from farcluss.pretrain import resolve_pretrained
 
 
 logger = get_logger(__name__)
@@ -101,7 +102,13 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         student = self.method.build_student()
         if cfg.model.pretrained:
-            load_pretrained(student, cfg.model.pretrained, sha256=cfg.model.pretrained_sha256)
+            # builtin:pretrained → the cached file (rank 0 makes it on first use) and its sha256
+            if self.env.distributed and not self.env.is_main:
+                barrier()
+            source, sha256 = resolve_pretrained(cfg.model, device=str(self.device))
+            if self.env.distributed and self.env.is_main:
+                barrier()
+            load_pretrained(student, source, sha256=sha256)
         if self.env.distributed and self.device.type == "cuda" and cfg.train.sync_bn:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         student.to(self.device)
