@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY_CLASSES, tiny_overrides, write_tiny_dataset
+from farcluss.cli import main
 from farcluss.config import load_config
 from farcluss.data.benchmark import default_benchmark_dir, make_benchmark
 from farcluss.data.build import (
@@ -133,3 +134,16 @@ def test_the_test_split_is_read_when_set_and_empty_otherwise(tmp_path):
         eval_loader(_cfg(root), data, 3, env, split="test")
     with pytest.raises(DataError, match="missing.txt"):
         build_data(_cfg(root, "data.test=splits/missing.txt"))
+
+
+def test_check_scans_the_test_list_only_when_it_is_set(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=6, n_val=2, n_test=2)
+    base = ["check", "--set", f"data.root={root}"]
+    assert main(base) == 0
+    assert "test:" not in capsys.readouterr().out
+    (root / "masks" / "009.png").write_bytes(b"not a png")  # the second test image's mask
+    assert main(base) == 0  # not in any list the config names
+    capsys.readouterr()
+    assert main(base + ["--set", "data.test=splits/test.txt"]) == 2
+    out = capsys.readouterr().out
+    assert "test: 2 samples, 1 problem(s)" in out and "009.png" in out
