@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from farcluss.cli import main
 from farcluss.engine.trainer import Trainer
 from farcluss.config import ModelConfig, load_config
 from farcluss.errors import CheckpointError, ConfigError
+from farcluss.log import setup_logging
 from farcluss.models import build_model, load_pretrained
 
 pytest.importorskip("skimage")
@@ -96,7 +96,8 @@ def test_corrupt_mismatched_or_wrong_width_files_give_the_loaders_one_line_error
 
 
 # ---- builtin:pretrained ---------------------------------------------------------------------------
-def test_builtin_pretrained_is_made_once_in_the_cache_and_hash_checked(tmp_path, monkeypatch, caplog):
+def test_builtin_pretrained_is_made_once_in_the_cache_and_hash_checked(tmp_path, monkeypatch, capsys,
+                                                                    restore_logging):
     monkeypatch.setenv("FARCLUSS_CACHE", str(tmp_path))
     real = pt.pretrain
     calls = []
@@ -107,11 +108,12 @@ def test_builtin_pretrained_is_made_once_in_the_cache_and_hash_checked(tmp_path,
 
     monkeypatch.setattr(pt, "pretrain", quick)
     model_cfg = ModelConfig(backbone="resnet18", base_width=8, pretrained=pt.BUILTIN_PRETRAINED)
-    with caplog.at_level(logging.INFO, logger="farcluss"):
-        source, sha256 = pt.resolve_pretrained(model_cfg)
+    # the log line a user sees: the farcluss logger on stderr, as the CLI sets it up
+    setup_logging(rank=0)
+    source, sha256 = pt.resolve_pretrained(model_cfg)
     assert Path(source) == tmp_path / "pretrained-resnet18-w8-v1-seed0.pt"
     assert Path(source).is_file() and len(calls) == 1
-    assert any("making the built-in pretrained" in r.getMessage() for r in caplog.records)
+    assert "making the built-in pretrained" in capsys.readouterr().err
     assert sha256 == json.loads(Path(source).with_suffix(".json").read_text())["sha256"]
 
     # second use: the cached file, not made again; loads strictly into the model
