@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ---- data tools ------------------------------------------------------------------------------------
 def cmd_splits(args: argparse.Namespace) -> int:
     written = make_splits(args.out, source_list=args.list, folder=args.folder, root=args.root,
-                          labeled=args.labeled, seed=args.seed, val=args.val)
+                          labeled=args.labeled, seed=args.seed, val=args.val, test=args.test)
     for name, path in written.items():
         n = sum(1 for line in Path(path).read_text().splitlines() if line.strip())
         print(f"{name}: {n} samples → {path}")
@@ -185,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="dataset root the paths are relative to (default: the folder)")
     p.add_argument("--labeled", type=count_or_ratio, required=True, help="count (≥1) or ratio (<1)")
     p.add_argument("--val", type=count_or_ratio, default=None, help="count or ratio held out for val")
+    p.add_argument("--test", type=count_or_ratio, default=None,
+                   help="count or ratio held back for test (data.test; drawn after val)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="folder for labeled.txt, unlabeled.txt, val.txt")
+    p.add_argument("--out", required=True, help="folder for labeled.txt, unlabeled.txt, val.txt, test.txt")
     p.set_defaults(func=cmd_splits)
 
     p = sub.add_parser("check", help="scan every image and mask of a config's splits")

@@ -122,6 +122,22 @@ def test_make_splits_from_folder_by_count_is_disjoint_complete_and_seeded(tmp_pa
     assert first["labeled"].read_text() != other["labeled"].read_text()
 
 
+def test_a_test_split_is_drawn_after_val_and_leaves_val_unchanged(tmp_path):
+    folder = make_folder(tmp_path / "ds", count=10, without_mask=2)
+    plain = make_splits(tmp_path / "s1", folder=folder, labeled=3, seed=7, val=2)
+    held = make_splits(tmp_path / "s2", folder=folder, labeled=3, seed=7, val=2, test=3)
+    assert set(held) == {"labeled", "unlabeled", "val", "test"}
+    assert held["val"].read_text() == plain["val"].read_text()
+    parts = {name: read_split(path, folder, require_mask=False) for name, path in held.items()}
+    assert {name: len(samples) for name, samples in parts.items()} == {
+        "labeled": 3, "unlabeled": 4, "val": 2, "test": 3}
+    images = [s.image for samples in parts.values() for s in samples]
+    assert len(set(images)) == 12  # disjoint and complete
+    assert all(s.mask is not None for s in parts["test"])
+    with pytest.raises(DataError, match="2 val \\+ 6 test \\+ 3 labeled"):
+        make_splits(tmp_path / "s3", folder=folder, labeled=3, seed=7, val=2, test=6)
+
+
 def test_make_splits_from_list_by_ratio(tmp_path):
     lines = "".join(f"JPEGImages/{i}.jpg SegmentationClass/{i}.png\n" for i in range(20))
     lines += "JPEGImages/3.jpg\n"  # listed again without its mask: counted once, mask kept

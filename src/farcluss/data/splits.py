@@ -25,7 +25,7 @@ from farcluss.errors import ConfigError, DataError
 PathLike = Union[str, "os.PathLike[str]"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-SPLIT_NAMES = ("labeled", "unlabeled", "val")
+SPLIT_NAMES = ("labeled", "unlabeled", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -171,14 +171,17 @@ def make_splits(
     labeled: Union[int, float],
     seed: int = 0,
     val: Union[int, float, None] = None,
+    test: Union[int, float, None] = None,
 ) -> Dict[str, Path]:
     """Shuffle a pool of samples with ``seed`` and write ``labeled.txt``, ``unlabeled.txt``
-    and optionally ``val.txt`` into ``out_dir``.
+    and optionally ``val.txt`` and ``test.txt`` (the held-back split ``data.test`` names) into
+    ``out_dir``.
 
     The pool is either a split list (``source_list``, paths relative to ``root``) or a folder
     layout (``folder/images`` and ``folder/masks`` matched by stem; ``root`` defaults to
     ``folder``). Only samples with a mask can become labeled or validation samples. ``val``
-    (a count, or a ratio of the samples with a mask) is drawn first, then ``labeled`` (a count,
+    (a count, or a ratio of the samples with a mask) is drawn first, then ``test`` (the same
+    kinds; drawing it after val leaves a seed's val split unchanged), then ``labeled`` (a count,
     or a ratio of the remaining training pool); everything left is unlabeled, mask paths kept so
     a fully supervised baseline can use them. Returns the written paths by split name.
     """
@@ -208,11 +211,13 @@ def make_splits(
     without_mask = [s for s in shuffled if s.mask is None]
 
     val_count = 0 if val is None else _count(val, len(with_mask), "val")
-    train_total = len(pool) - val_count
+    test_count = 0 if test is None else _count(test, len(with_mask), "test")
+    held_out = val_count + test_count
+    train_total = len(pool) - held_out
     labeled_count = _count(labeled, train_total, "labeled")
-    if val_count + labeled_count > len(with_mask):
+    if held_out + labeled_count > len(with_mask):
         raise DataError(
-            f"{val_count} val + {labeled_count} labeled samples requested, "
+            f"{val_count} val + {test_count} test + {labeled_count} labeled samples requested, "
             f"but only {len(with_mask)} of {len(pool)} samples have a mask"
         )
     if labeled_count >= train_total:
@@ -222,13 +227,14 @@ def make_splits(
 
     splits = {
         "val": with_mask[:val_count],
-        "labeled": with_mask[val_count : val_count + labeled_count],
-        "unlabeled": with_mask[val_count + labeled_count :] + without_mask,
+        "test": with_mask[val_count:held_out],
+        "labeled": with_mask[held_out : held_out + labeled_count],
+        "unlabeled": with_mask[held_out + labeled_count :] + without_mask,
     }
     out_dir = Path(out_dir)
     written: Dict[str, Path] = {}
     for name in SPLIT_NAMES:
-        if name == "val" and val is None:
+        if (name == "val" and val is None) or (name == "test" and test is None):
             continue
         # Sorted output keeps the files readable and diffable; the sampler does the shuffling.
         rows = sorted(splits[name], key=lambda s: str(s.image))
