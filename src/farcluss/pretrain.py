@@ -38,7 +38,7 @@ from torch import nn
 
 from farcluss.cli_args import positive_int
 from farcluss.config import DataConfig, ModelConfig
-from farcluss.data.benchmark import default_benchmark_dir
+from farcluss.data.benchmark import cache_dir
 from farcluss.engine.checkpoint import save_atomic, write_text_atomic
 from farcluss.engine.device import configure_backends, resolve_device
 from farcluss.engine.distributed import DistEnv
@@ -235,7 +235,7 @@ def default_pretrained_path(backbone: str = DEFAULT_BACKBONE, base_width: int = 
                             seed: int = DEFAULT_SEED) -> Path:
     """``<cache>/pretrained-<backbone>-w<width>-v<version>-seed<seed>.pt``; the cache folder is
     the built-in benchmark's (``$FARCLUSS_CACHE``, else ``~/.cache/farcluss``)."""
-    cache = default_benchmark_dir().parent
+    cache = cache_dir()
     return cache / f"pretrained-{backbone}-w{base_width}-v{RECIPE_VERSION}-seed{seed}.pt"
 
 

@@ -472,18 +472,24 @@ def _render_sample(
 # --------------------------------------------------------------------------------------------
 
 
-def default_benchmark_dir(seed: int = 0) -> Path:
-    """Cache folder of the benchmark: ``$FARCLUSS_CACHE`` (else ``$XDG_CACHE_HOME/farcluss``,
-    else ``~/.cache/farcluss``) / ``benchmark-v{GENERATOR_VERSION}-seed{seed}``."""
+def cache_dir() -> Path:
+    """The farcluss cache (built-in datasets, the project-pretrained encoder): ``$FARCLUSS_CACHE``,
+    else ``$XDG_CACHE_HOME/farcluss``, else ``~/.cache/farcluss``."""
     root = os.environ.get("FARCLUSS_CACHE")
     if not root:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "farcluss")
-    return Path(root).expanduser() / f"benchmark-v{GENERATOR_VERSION}-seed{seed}"
+    return Path(root).expanduser()
 
 
-def _read_metadata(path: Path) -> Optional[dict]:
+def default_benchmark_dir(seed: int = 0) -> Path:
+    """Cache folder of the benchmark: `cache_dir()` / ``benchmark-v{GENERATOR_VERSION}-seed{seed}``."""
+    return cache_dir() / f"benchmark-v{GENERATOR_VERSION}-seed{seed}"
+
+
+def _read_metadata(path: Path, name: str = METADATA_FILE) -> Optional[dict]:
+    """The JSON object in `path`/`name`, or None when it is missing, unreadable or not an object."""
     try:
-        with open(path / METADATA_FILE, encoding="utf-8") as handle:
+        with open(path / name, encoding="utf-8") as handle:
             metadata = json.load(handle)
     except (OSError, ValueError):
         return None

@@ -37,22 +37,25 @@ BUILTIN_BENCHMARK = "builtin:benchmark"
 BUILTIN_DIGITS = "builtin:digits"
 
 
+#: `data.root` value → (name in the log line, cache folder, completeness check, generator)
+BUILTIN_DATASETS = {
+    BUILTIN_BENCHMARK: ("benchmark", default_benchmark_dir, benchmark_is_complete, make_benchmark),
+    BUILTIN_DIGITS: ("digits", default_digits_dir, digits_is_complete, make_digits),
+}
+
+
 def dataset_root(cfg: Config) -> Path:
     """`data.root`, where ``builtin:benchmark`` and ``builtin:digits`` name the built-in datasets
     (made on first use in the farcluss cache)."""
     if not cfg.data.root:
         raise ConfigError("config key 'data.root' is empty: set it to the dataset folder")
-    if cfg.data.root == BUILTIN_BENCHMARK:
-        path = default_benchmark_dir()
-        if not benchmark_is_complete(path):
-            logger.info("making the built-in benchmark dataset in %s (once)", path)
-            make_benchmark(path)
-        return path
-    if cfg.data.root == BUILTIN_DIGITS:
-        path = default_digits_dir()
-        if not digits_is_complete(path):
-            logger.info("making the built-in digits dataset in %s (once)", path)
-            make_digits(path)
+    builtin = BUILTIN_DATASETS.get(cfg.data.root)
+    if builtin is not None:
+        name, default_dir, is_complete, make = builtin
+        path = default_dir()
+        if not is_complete(path):
+            logger.info("making the built-in %s dataset in %s (once)", name, path)
+            make(path)
         return path
     return Path(cfg.data.root).expanduser()
 

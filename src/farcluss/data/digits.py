@@ -41,8 +41,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageFilter
 
-from farcluss.data.benchmark import (_labeled_count, _publish, _sibling_folder, _write_split,
-                                     default_benchmark_dir)
+from farcluss.data.benchmark import _labeled_count, _publish
+from farcluss.data.benchmark import _read_metadata as _read_json_object
+from farcluss.data.benchmark import _sibling_folder, _write_split, cache_dir
 from farcluss.errors import ConfigError, DataError
 from farcluss.log import Progress
 
@@ -224,16 +225,11 @@ def render_sample(seed: int, split: str, index: int, size: int, tail: float,
 
 def default_digits_dir(seed: int = 0) -> Path:
     """Beside the benchmark in the farcluss cache: ``digits-v{GENERATOR_VERSION}-seed{seed}``."""
-    return default_benchmark_dir(seed).parent / f"digits-v{GENERATOR_VERSION}-seed{seed}"
+    return cache_dir() / f"digits-v{GENERATOR_VERSION}-seed{seed}"
 
 
 def _read_metadata(path: Path) -> Optional[dict]:
-    try:
-        with open(path / METADATA_FILE, encoding="utf-8") as handle:
-            metadata = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    return metadata if isinstance(metadata, dict) else None
+    return _read_json_object(path, METADATA_FILE)
 
 
 def digits_is_complete(path) -> bool:
