@@ -111,7 +111,7 @@ def test_builtin_pretrained_is_made_once_in_the_cache_and_hash_checked(tmp_path,
     # the log line a user sees: the farcluss logger on stderr, as the CLI sets it up
     setup_logging(rank=0)
     source, sha256 = pt.resolve_pretrained(model_cfg)
-    assert Path(source) == tmp_path / "pretrained-resnet18-w8-v1-seed0.pt"
+    assert Path(source) == tmp_path / f"pretrained-resnet18-w8-v{pt.RECIPE_VERSION}-seed0.pt"
     assert Path(source).is_file() and len(calls) == 1
     assert "making the built-in pretrained" in capsys.readouterr().err
     assert sha256 == json.loads(Path(source).with_suffix(".json").read_text())["sha256"]
@@ -203,13 +203,45 @@ def test_a_view_labelled_with_a_shape_holds_that_polygon():
     settings = pt.TaskSettings(photo_size=64, crop=32, jitter=0.0)
     task = pt.PretrainTask(settings, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     images, labels = task.sample(64, torch.Generator().manual_seed(1))
-    shape_rows = (labels >= len(pt.PHOTOS)).nonzero().flatten().tolist()
+    polygon_classes = len(pt.PHOTOS) + len(pt.SHAPES)
+    shape_rows = ((labels >= len(pt.PHOTOS)) & (labels < polygon_classes)).nonzero().flatten().tolist()
     assert shape_rows
     min_area = expected[3] * math.pi * (0.25 * settings.crop) ** 2
     for row in shape_rows:
         pixels = images[row].flatten(1).T  # N×3
         _, counts = torch.unique(pixels, dim=0, return_counts=True)
         assert int(counts.max()) >= 0.9 * min_area, row
+
+
+def test_stroke_masks_cover_the_pixels_within_half_a_width_of_a_segment():
+    # one horizontal segment from (10, 16) to (22, 16), width 4: the pixel centres (x+.5, y+.5)
+    # within 2 of it are x + .5 in [8, 24] on rows whose centre is within 2 of 16, rounded ends
+    points = torch.tensor([[[[10.0, 16.0], [22.0, 16.0], [22.0, 16.0]]]])
+    mask = pt.stroke_masks(points, torch.tensor([4.0]), 32)[0]
+    ys, xs = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
+    along = xs.clamp(10, 22)
+    expected = (xs - along).square() + (ys - 16).square() <= 4.0
+    assert torch.equal(mask, expected)
+    assert mask[16, 15] and mask[14, 15] and not mask[13, 15]  # rows 14..17 of the middle
+    assert mask[16, 8] and not mask[16, 7] and not mask[16, 24]
+
+
+def test_glyphs_are_the_recipes_not_the_seeds_and_a_glyph_view_draws_its_strokes():
+    first, again = pt.glyph_strokes(), pt.glyph_strokes()
+    assert torch.equal(first, again) and first.shape == (pt.NUM_GLYPHS, 3, 3, 2)
+    assert first.min() >= 0.1 and first.max() <= 0.9
+    assert len({tuple(g.flatten().tolist()) for g in first}) == pt.NUM_GLYPHS
+    settings = pt.TaskSettings(photo_size=64, crop=32, jitter=0.0)
+    task = pt.PretrainTask(settings, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    assert task.names[-pt.NUM_GLYPHS:] == tuple(f"glyph:{k}" for k in range(pt.NUM_GLYPHS))
+    images, labels = task.sample(96, torch.Generator().manual_seed(2))
+    glyph_rows = (labels >= len(pt.PHOTOS) + len(pt.SHAPES)).nonzero().flatten().tolist()
+    assert len(glyph_rows) > 30
+    for row in glyph_rows:
+        # the strokes are one flat colour: its pixels are a stroke's area, not the whole view
+        pixels = images[row].flatten(1).T
+        _, counts = torch.unique(pixels, dim=0, return_counts=True)
+        assert 20 <= int(counts.max()) < 0.8 * settings.crop ** 2, row
 
 
 # ---- the command -----------------------------------------------------------------------------------
@@ -235,7 +267,7 @@ def test_trainer_loads_builtin_pretrained_and_refuses_a_tampered_file(tiny_datas
     overrides = tiny_overrides(tiny_dataset, "supervised", iterations=1) + [
         "model.pretrained=builtin:pretrained"]
     trainer = Trainer(load_config(None, overrides), tmp_path / "run")
-    path = tmp_path / "cache" / "pretrained-resnet18-w8-v1-seed0.pt"
+    path = tmp_path / "cache" / f"pretrained-resnet18-w8-v{pt.RECIPE_VERSION}-seed0.pt"
     saved = torch.load(path, weights_only=True)
     for key, value in trainer.student.backbone.state_dict().items():
         assert torch.equal(value, saved[key]), key

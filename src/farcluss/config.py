@@ -256,9 +256,10 @@ STOP_SIGNAL_NAMES = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQU
 class TrainConfig:
     #: training iterations (the poly schedule ends here)
     iterations: int = bounded(1000, gt=0)
-    #: None: run train.iterations; E: run E passes over the unlabeled images (the labeled ones for
-    #: method supervised) instead, ceil(E × images / (batch × world size)) iterations, which
-    #: replace train.iterations (epochs wins when both are set; the log says so)
+    #: None: run train.iterations; E: run E passes over the unlabeled images instead (supervised
+    #: too, so compared methods run alike; the labeled ones when there is no unlabeled list),
+    #: ceil(E × images / (batch × world size)) iterations, which replace train.iterations
+    #: (epochs wins when both are set; the log says so)
     epochs: Optional[float] = bounded(None, gt=0)
     #: labeled images per process per iteration
     batch_size: int = bounded(8, gt=0)

@@ -11,8 +11,8 @@ import yaml
 
 from conftest import tiny_overrides, write_tiny_dataset
 from farcluss.config import load_config
-from farcluss.data.build import DataBundle
-from farcluss.engine.schedule import with_epoch_schedule
+from farcluss.data.build import DataBundle, build_data
+from farcluss.engine.schedule import epoch_iterations, with_epoch_schedule
 from farcluss.engine.trainer import Trainer
 from farcluss.errors import ConfigError
 from farcluss.log import setup_logging
@@ -39,8 +39,8 @@ def test_without_epochs_the_config_is_unchanged():
     (["method.name=farcluss", "train.batch_size=8"], 2, 938),
     # the unlabeled stream has its own batch size: 10 × 1500 / 6 = 2500
     (["method.name=fixmatch", "train.batch_size=8", "train.unlabeled_batch_size=6"], 1, 2500),
-    # supervised reads the 94 labeled images only: 10 × 94 / 8 = 117.5 → 118
-    (["method.name=supervised", "train.batch_size=8"], 1, 118),
+    # supervised counts the unlabeled list too when the data has one: the same 1875 as farcluss
+    (["method.name=supervised", "train.batch_size=8"], 1, 1875),
     # a fraction of an epoch: 0.5 × 1500 / 8 = 93.75 → 94
     (["method.name=farcluss", "train.batch_size=8", "train.epochs=0.5"], 1, 94),
 ])
@@ -64,6 +64,29 @@ def test_the_log_says_epochs_replace_iterations_and_names_longer_intervals(capsy
     assert "train.epochs=10 over 1500 unlabeled images → 1875 iterations" in err
     assert "replacing train.iterations=1000" in err
     assert "train.eval_interval=5000 exceed" in err and "checkpoint_interval" not in err
+
+
+def test_supervised_without_an_unlabeled_list_counts_the_labeled_images():
+    # 10 × 94 / 8 = 117.5 → 118
+    cfg = cfg_with("method.name=supervised", "train.batch_size=8", "train.epochs=10")
+    assert with_epoch_schedule(cfg, bundle(94, 0), 1).train.iterations == 118
+
+
+def test_supervised_with_epochs_reads_the_unlabeled_list_only_to_count_it(tmp_path):
+    root = write_tiny_dataset(tmp_path / "tiny", n_train=8, n_val=2, n_labeled=2)
+    base = tiny_overrides(root, "supervised", 1000)
+    assert build_data(load_config(overrides=base)).unlabeled == []
+    with_epochs = load_config(overrides=base + ["train.epochs=1"])
+    assert len(build_data(with_epochs).unlabeled) == 6
+    # every method of a comparison runs the same count: 1 × 6 unlabeled / batch
+    fixmatch = load_config(overrides=tiny_overrides(root, "fixmatch", 1000) + ["train.epochs=1"])
+    assert (with_epoch_schedule(with_epochs, build_data(with_epochs)).train.iterations
+            == with_epoch_schedule(fixmatch, build_data(fixmatch)).train.iterations)
+    # no unlabeled list on disk: the labeled images (2 / batch)
+    missing = load_config(overrides=base + ["train.epochs=1", "data.unlabeled=splits/none.txt"])
+    data = build_data(missing)
+    assert data.unlabeled == [] and with_epoch_schedule(missing, data).train.iterations == \
+        epoch_iterations(1, 2, missing.train.batch_size, 1)
 
 
 def test_epochs_over_an_empty_stream_is_a_config_error():

@@ -83,14 +83,18 @@ def build_data(cfg: Config, need_unlabeled: Optional[bool] = None, need_train: b
     # resolved once: for the built-in benchmark it scans (and may first build) the dataset
     root = dataset_root(cfg)
     classes = resolve_classes(cfg, root)
+    uses_unlabeled = cfg.method.name != "supervised"
     if need_unlabeled is None:
-        need_unlabeled = cfg.method.name != "supervised"
+        # a supervised run with train.epochs counts them over the unlabeled list when there is
+        # one (engine/schedule.py), so every method of a comparison runs as many iterations
+        need_unlabeled = uses_unlabeled or (
+            cfg.train.epochs is not None and _split_path(root, d.unlabeled).is_file())
     labeled = read_split(_split_path(root, d.labeled), root, require_mask=True) if need_train else []
     unlabeled = (read_split(_split_path(root, d.unlabeled), root, require_mask=False)
                  if need_train and need_unlabeled else [])
     val = read_split(_split_path(root, d.val), root, require_mask=True)
     test = read_split(_split_path(root, d.test), root, require_mask=True) if d.test else []
-    if labeled and unlabeled:
+    if labeled and unlabeled and uses_unlabeled:
         duplicated = duplicates_between(labeled, unlabeled)
         if duplicated:
             logger.warning("%d image(s) are in both %s and %s, e.g. %s", len(duplicated),

@@ -16,8 +16,10 @@ logger = get_logger(__name__)
 
 def epoch_stream(cfg: Config, data: DataBundle) -> Tuple[str, int, int]:
     """(name, images, per-process batch) of the stream an epoch counts: the unlabeled images
-    for a method that reads them, the labeled ones for one that does not (supervised)."""
-    if METHODS[cfg.method.name].uses_unlabeled:
+    (at the unlabeled batch size) for a method that reads them, and for a supervised run whose
+    data has an unlabeled list (`build_data` reads it then), so that every method compared on
+    one config runs the same number of iterations; the labeled images otherwise."""
+    if METHODS[cfg.method.name].uses_unlabeled or data.unlabeled:
         return "unlabeled", len(data.unlabeled), cfg.train.unlabeled_batch_size or cfg.train.batch_size
     return "labeled", len(data.labeled), cfg.train.batch_size
 
