@@ -58,8 +58,9 @@ def test_pretrain_leaves_the_global_rng_and_thread_count_alone(tmp_path):
 
 
 # ---- the file strict-loads through the real loader ----------------------------------------------
-def test_file_strict_loads_into_the_benchmark_recipe_model(tmp_path):
-    cfg = load_config(str(ROOT / "configs" / "benchmark.yaml"), [])
+@pytest.mark.parametrize("recipe", ["benchmark.yaml", "own_data_cpu.yaml"])
+def test_file_strict_loads_into_the_recipe_model(tmp_path, recipe):
+    cfg = load_config(str(ROOT / "configs" / recipe), [])
     path = tmp_path / "w.pt"
     record = pt.pretrain(path, backbone=cfg.model.backbone, base_width=cfg.model.base_width,
                          train=pt.TrainSettings(iterations=1, batch_size=2, heldout_samples=2),
@@ -72,6 +73,10 @@ def test_file_strict_loads_into_the_benchmark_recipe_model(tmp_path):
     assert report["loaded_keys"] == len(saved)
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, saved[key]), key
+    if recipe == "own_data_cpu.yaml":  # the CPU recipe names the built-in file for its model
+        assert cfg.model.pretrained == pt.BUILTIN_PRETRAINED
+        assert pt.default_pretrained_path(cfg.model.backbone, cfg.model.base_width).name == \
+            f"pretrained-resnet18-w32-v{pt.RECIPE_VERSION}-seed0.pt"
 
 
 def test_corrupt_mismatched_or_wrong_width_files_give_the_loaders_one_line_error(tmp_path):
