@@ -113,8 +113,10 @@ def test_bench_accuracy_writes_the_results_document(tmp_path):
     root = _with_unlabeled_masks(write_tiny_dataset(tmp_path / "tiny"))
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({"data": {"root": str(root)}}))
-    overrides = [o for o in tiny_overrides(root, iterations=3)
-                 if not o.startswith(("data.root", "method.name"))]
+    # 0.75 epochs of the 8 unlabeled images at batch 2: 3 iterations for both
+    # methods (supervised_full counts the unlabeled list too), not train.iterations' 5
+    overrides = [o for o in tiny_overrides(root, iterations=5)
+                 if not o.startswith(("data.root", "method.name"))] + ["train.epochs=0.75"]
     json_path = tmp_path / "results" / "bench.json"
     argv = ["bench", "accuracy", str(config), "--methods", "farcluss,supervised_full", "--seeds", "0",
             "--json", str(json_path), "--out", str(tmp_path / "runs"), "--reference", "supervised_full"]
@@ -134,8 +136,9 @@ def test_bench_accuracy_writes_the_results_document(tmp_path):
     runs = [(r["method"], r["seed"]) for r in document["results"]]
     assert runs == [("farcluss", 0), ("supervised_full", 0)]
     for result in document["results"]:
-        assert set(result) == {"method", "seed", "miou", "rare_miou", "per_class_iou", "seconds",
-                               "seconds_per_iteration"}
+        assert set(result) == {"method", "seed", "miou", "rare_miou", "per_class_iou",
+                               "iterations", "seconds", "seconds_per_iteration"}
+        assert result["iterations"] == 3
         assert result["seconds_per_iteration"] == pytest.approx(result["seconds"] / 3, abs=0.01)  # seconds: 2 decimals
         assert list(result["per_class_iou"]) == TINY_CLASSES
         assert 0 <= result["miou"] <= 100 and result["seconds"] > 0
@@ -145,7 +148,7 @@ def test_bench_accuracy_writes_the_results_document(tmp_path):
         assert row["miou_std"] is None  # one seed
     # the tiny dataset has two object classes: both are "rare"
     assert sorted(document["rare_classes"]) == ["disc", "square"]
-    assert document["config"]["iterations"] == 3
+    assert document["config"]["iterations"] == 5 and document["config"]["epochs"] == 0.75
     assert (tmp_path / "runs" / "bench_accuracy.json").read_text() == json_path.read_text()
 
     # equal iterations; supervised_full trained the supervised method on the 12-image list

@@ -13,11 +13,12 @@ The results document (``OUT/bench_accuracy.json``, rewritten after every run, an
 
     {"split": "test" | "val",
      "results": [{"method", "seed", "miou", "rare_miou", "per_class_iou": {class: IoU},
-                  "seconds", "seconds_per_iteration",
+                  "iterations", "seconds", "seconds_per_iteration",
                   "test_miou", "test_rare_miou", "test_per_class_iou"}],       (test_*: data.test only)
      "summary": [{"method", "miou_mean", "miou_std", "rare_miou_mean",
                   "test_miou_mean", "test_miou_std", "test_rare_miou_mean"}],
-     "rare_classes": [names, rarest first], "config": {"path", "overrides", "iterations", "out", "resolved"},
+     "rare_classes": [names, rarest first], "config": {"path", "overrides", "iterations", "epochs", "out",
+                                                "resolved"},
      "paired": [{"method", "reference", "split": "val", "seeds", "miou": D, "rare_miou": D}],  (--reference)
      "paired_test": [... the same on the test split ...]}                   (--reference and data.test)
 
@@ -32,7 +33,8 @@ split's, as a number nothing was chosen on; the val ones stay in the document.
 mIoU is the final teacher's (the student's for the supervised methods), in percent; ``miou_std``
 is the sample standard deviation over seeds (null with one seed); ``seconds`` is the wall time
 of the whole training run, evaluations included, and ``seconds_per_iteration`` that divided by
-``train.iterations`` (the cost axis of the frontier picture).
+the run's ``iterations`` (``train.iterations``, or the count ``train.epochs`` derived from the
+data; the cost axis of the frontier picture).
 
 Pictures (``OUT/*.png``, written after the last run, see `write_pictures`)::
 
@@ -379,7 +381,8 @@ def run_accuracy(config_path, methods: Sequence[str] = DEFAULT_METHODS, seeds: S
     print(f"rare classes (fewest labeled pixels): {', '.join(rare_names)}")
 
     config_record = {"path": str(config_path), "overrides": list(overrides),
-                     "iterations": base.train.iterations, "out": str(out), "resolved": base.to_dict()}
+                     "iterations": base.train.iterations, "epochs": base.train.epochs,
+                     "out": str(out), "resolved": base.to_dict()}
     with_test = bool(base.data.test)
     results: List[dict] = []
 
@@ -400,8 +403,10 @@ def run_accuracy(config_path, methods: Sequence[str] = DEFAULT_METHODS, seeds: S
             summary, seconds = train_run(cfg, out / f"{method}-seed{seed}")
             result = {"method": method, "seed": seed,
                       **run_metrics(summary["final"], rare_indices),
+                      # the run's own count: train.epochs derives it from the data
+                      "iterations": summary["iteration"],
                       "seconds": round(seconds, 2),
-                      "seconds_per_iteration": round(seconds / base.train.iterations, 5)}
+                      "seconds_per_iteration": round(seconds / max(1, summary["iteration"]), 5)}
             if with_test:
                 name, _ = judged_metrics(summary["final"])
                 # the same judged model as on val (the teacher once ready)
