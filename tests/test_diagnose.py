@@ -10,7 +10,7 @@ def test_a_run_that_predicts_one_class_is_flagged_with_the_likely_causes():
     assert message is not None
     assert "4 of 5 classes have IoU below 10" in message
     assert "only background (88.0) are predicted" in message
-    for cause in ("train.iterations", "model.pretrained", "train.lr"):
+    for cause in ("train.epochs", "train.iterations", "data.crop_size", "model.pretrained", "train.lr"):
         assert cause in message
     assert "\n" not in message
 

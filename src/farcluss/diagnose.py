@@ -39,5 +39,6 @@ def not_learning_message(per_class_iou: Sequence[Optional[float]], class_names: 
                 f"{dead_iou:g} and only {leading} are predicted")
     else:
         what = f"{NOT_LEARNING}: every one of {len(present)} classes has IoU below {dead_iou:g}"
-    return (f"{what}. Likely causes: a schedule too short for the dataset (train.iterations), "
-            f"no pretrained backbone (model.pretrained), or a learning rate off by 10x (train.lr)")
+    return (f"{what}. Likely causes: a schedule too short for the dataset (train.epochs or "
+            f"train.iterations), crops that cut the objects (data.crop_size), no pretrained "
+            f"backbone (model.pretrained), or a learning rate off by 10x (train.lr)")
