@@ -123,3 +123,36 @@ def test_best_record_is_the_earliest_highest_miou():
                for i, m in ((5, 10.0), (10, 30.0), (15, 30.0), (20, 20.0))]
     assert best_record(records, "teacher")["iteration"] == 10
     assert best_record(records, "student") is None
+
+
+def test_report_plots_the_test_curves_beside_val_when_the_run_scored_a_test_split(
+        short_run, tmp_path, monkeypatch):
+    import farcluss.report as report
+
+    run_dir, _ = short_run
+    folder = tmp_path / "with_test"
+    folder.mkdir()
+    (folder / "config.yaml").write_bytes((run_dir / "config.yaml").read_bytes())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:  # as a run with data.test writes them
+        if record["type"] == "eval":
+            record["test_miou"] = record["miou"] / 2
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    drawn = {}
+    real = report.plot_miou_curves
+
+    def spy(curves, path, title="validation mIoU"):
+        drawn.update(curves=dict(curves), title=title)
+        return real(curves, path, title)
+
+    monkeypatch.setattr(report, "plot_miou_curves", spy)
+    report.make_report(folder)
+    evals = [r for r in records if r["type"] == "eval" and r["model"] == "student"]
+    assert drawn["curves"]["student (test)"] == ([r["iteration"] for r in evals],
+                                                 [r["miou"] / 2 for r in evals])
+    assert drawn["curves"]["student"][1] == [r["miou"] for r in evals]
+    assert "test" in drawn["title"]
+    # a run without test scores draws val only
+    drawn.clear()
+    report.make_report(run_dir, out_dir=tmp_path / "plain")
+    assert not any("(test)" in label for label in drawn["curves"])

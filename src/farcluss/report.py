@@ -181,32 +181,23 @@ def plot_loss_terms(records: Sequence[MetricRecord], path) -> Path:
 
 def plot_miou_curves(curves: Mapping[str, Curve], path, title: str = "validation mIoU") -> Path:
     """One line per label, e.g. {"teacher": (iterations, mious), "student": …}."""
-    figure = _new_figure(5.5, 3.6)
-    ax = figure.subplots()
-    for label, (iterations, values) in curves.items():
-        if len(iterations):
-            ax.plot(iterations, values, marker="o", markersize=3, linewidth=1.4, label=label)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("mIoU (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend()
-    return _save(figure, path)
+    return plot_miou_bands({label: (iterations, values, None, None)
+                            for label, (iterations, values) in curves.items()}, path, title)
 
 
-#: iterations, mean, band low, band high of one method's curve over seeds
-Band = Tuple[Sequence[int], Sequence[float], Sequence[float], Sequence[float]]
+#: iterations, mean, band low, band high of one method's curve over seeds (low, high: None = no band)
+Band = Tuple[Sequence[int], Sequence[float], Optional[Sequence[float]], Optional[Sequence[float]]]
 
 
 def plot_miou_bands(bands: Mapping[str, Band], path, title: str = "mIoU") -> Path:
-    """One line per label (the mean) with a shaded band (e.g. min–max over seeds)."""
+    """One line per label (the mean) with a shaded band (e.g. min–max over seeds) where given."""
     figure = _new_figure(5.5, 3.6)
     ax = figure.subplots()
     for label, (iterations, mean, low, high) in bands.items():
         if len(iterations):
             (line,) = ax.plot(iterations, mean, marker="o", markersize=3, linewidth=1.4, label=label)
-            ax.fill_between(iterations, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            if low is not None and high is not None:
+                ax.fill_between(iterations, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("iteration")
     ax.set_ylabel("mIoU (%)")
     ax.set_title(title)
@@ -380,8 +371,12 @@ def make_report(run_dir, out_dir=None, num_images: int = 6) -> Path:
         blocks.append(("Losses", plot_loss_terms(records, out / "losses.png").name))
     curves = {name: miou_curve(records, name) for name in ("teacher", "student")
               if eval_records(records, name)}
+    # the held-back test split's curves beside val's, when the run scored one (data.test)
+    curves.update({f"{name} (test)": curve for name in ("teacher", "student")
+                   for curve in [miou_curve(records, name, key="test_miou")] if curve[0]})
     if curves:
-        blocks.append(("Validation mIoU", plot_miou_curves(curves, out / "miou.png").name))
+        title = "mIoU (val and test)" if any("(test)" in k for k in curves) else "validation mIoU"
+        blocks.append(("mIoU", plot_miou_curves(curves, out / "miou.png", title=title).name))
     if evals:
         final, best = evals[-1], best_record(records, model_name)
         series = {f"final (iteration {final['iteration']})": final["per_class_iou"]}
