@@ -15,7 +15,7 @@ The task (:class:`PretrainTask`): ``crop``-pixel views, each labelled with one o
   polylines of three points each, like a character of an unknown alphabet) is drawn over a view
   of a random photograph, with per-view jitter of its points, random size, rotation, stroke width
   and colour: objects told apart by shape alone, whatever their colour (recipe version 2; version
-  1 had photos and polygons only and did not help a shape-defined dataset, docs/method.md).
+  1 had photos and polygons only and did not help a shape-defined dataset, docs/custom_data.md).
 
 Every random draw comes from one ``torch.Generator`` seeded by ``--seed`` (the model's
 initialisation from the global torch seed), and by default the run is single-threaded with
