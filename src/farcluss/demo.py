@@ -134,7 +134,7 @@ def calibrate(cfg: Config, method: str, num_val: int, work_dir: Path) -> Calibra
     run_dir = work_dir / method
     check_fresh_run_dir(run_dir)
     start = time.perf_counter()
-    trainer = Trainer(derive_config(cfg, changes), run_dir, resume=False)
+    trainer = Trainer(derive_config(cfg, changes), run_dir, resume=False, diagnose=False)
     built = time.perf_counter()
     summary = trainer.fit()
     fitted = time.perf_counter()

@@ -298,3 +298,35 @@ def test_best_checkpoint_follows_val_only_never_test(tmp_path, monkeypatch):
     assert summary["final"]["student"]["miou"] == 20.0
     assert summary["final_test"]["student"]["miou"] == 60.0
     assert [r["test_miou"] for r in _records(tmp_path / "run", "eval")] == [50.0, 5.0, 60.0]
+
+
+def test_a_timing_run_built_with_diagnose_false_says_nothing_of_learning(tmp_path, monkeypatch,
+                                                                          capsys, restore_logging):
+    # the demo's calibration: a few iterations are a timing, not a result
+    setup_logging(rank=0)
+    root = write_tiny_dataset(tmp_path / "data")
+    cfg = load_config(overrides=tiny_overrides(root, "supervised", 2))
+    trainer = Trainer(cfg, tmp_path / "run", resume=False, diagnose=False)
+    names = list(trainer.data.classes)
+    monkeypatch.setattr(trainer, "evaluate_models", lambda: {"student": {
+        "miou": 95.0 / 3, "per_class_iou": [95.0, 0.0, 0.1], "pixel_accuracy": 90.0,
+        "class_names": names}})
+    trainer.fit()
+    assert "not learning" not in capsys.readouterr().err
+
+
+def test_the_demo_calibrates_without_the_not_learning_line(tmp_path, monkeypatch):
+    import farcluss.demo as demo
+
+    built = []
+    real = demo.Trainer
+
+    def spy(*args, **kwargs):
+        built.append(kwargs.get("diagnose", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "Trainer", spy)
+    root = write_tiny_dataset(tmp_path / "data")
+    cfg = load_config(overrides=tiny_overrides(root, "supervised", 2))
+    demo.calibrate(cfg, "supervised", 4, tmp_path / "calibration")
+    assert built == [False]

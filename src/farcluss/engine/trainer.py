@@ -72,9 +72,13 @@ CHECKPOINT_FORMAT = 2
 
 class Trainer:
     def __init__(self, cfg: Config, out_dir: Path, env: Optional[DistEnv] = None,
-                 resume: Optional[bool] = None, data: Optional[DataBundle] = None):
-        """`resume`: True = must resume, False = never, None = resume when last.pt exists."""
+                 resume: Optional[bool] = None, data: Optional[DataBundle] = None,
+                 diagnose: bool = True):
+        """`resume`: True = must resume, False = never, None = resume when last.pt exists.
+        `diagnose`: False leaves out the "not learning" line after the final evaluation (a
+        timing run of a few iterations, such as the demo's calibration, is not a result)."""
         self.cfg = cfg
+        self.diagnose = diagnose
         self.env = env or DistEnv()
         self.device = resolve_device(cfg.train.device, self.env)
         self.amp = resolve_amp(cfg.train.amp, self.device)
@@ -402,7 +406,7 @@ class Trainer:
         """One line when the final model predicts only a few classes (diagnose.py)."""
         name = "teacher" if final.get("teacher") is not None else "student"
         metrics = final.get(name)
-        if not metrics or not self.env.is_main:
+        if not metrics or not self.env.is_main or not self.diagnose:
             return
         message = not_learning_message(metrics["per_class_iou"], metrics["class_names"])
         if message:
