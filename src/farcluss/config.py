@@ -116,6 +116,8 @@ class DataConfig:
     scale_range: Tuple[float, float] = bounded((0.5, 2.0), gt=0, ordered=True)
     #: horizontal flip probability of the weak view
     flip_prob: float = bounded(0.5, ge=0, le=1)
+    #: random rotation of the weak view, uniform in ±degrees (image and mask, the corners ignored); 0 = off
+    rotate_degrees: float = bounded(0.0, ge=0, le=180)
     #: mask value that is ignored (also used for crop padding)
     ignore_index: int = bounded(255, ge=0, le=255)
     #: normalisation mean (RGB, 0-1 scale)

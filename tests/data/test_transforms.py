@@ -134,3 +134,45 @@ def test_eval_transform_keeps_full_size():
     assert torch.equal(mask_tensor, torch.from_numpy(mask.astype(np.int64)))
     red = torch.tensor([(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0 - 0.406) / 0.225])
     torch.testing.assert_close(image_tensor[:, 0, 0], red)
+
+
+def test_quarter_turn_of_a_square_is_rot90_of_image_and_mask():
+    from farcluss.data.transforms import _rotate
+
+    image, mask = class_coded_pair(height=40, width=40)
+    rotated_image, rotated_mask, content = _rotate(image, mask, 90.0, IGNORE)
+    # PIL turns anticlockwise, as np.rot90 does: every pixel lands on a pixel, nothing is lost
+    assert np.array_equal(np.asarray(rotated_image), np.rot90(np.asarray(image)))
+    assert np.array_equal(rotated_mask, np.rot90(mask))
+    assert content.all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rotation_keeps_image_and_mask_aligned_and_ignores_the_corners(seed):
+    image, mask = class_coded_pair(height=40, width=40)
+    augment = WeakAugment(crop_size=40, scale_range=(1.0, 1.0), flip_prob=0.0,
+                          ignore_index=IGNORE, rotate_degrees=45.0)
+    rng = np.random.default_rng(seed)
+    angle = np.random.default_rng(seed).uniform(-45.0, 45.0)
+    image_tensor, mask_tensor, ignore_mask = augment(image, mask, rng)
+    checked = interior(mask_tensor) & (mask_tensor != IGNORE)
+    assert torch.equal(colour_classes(image_tensor)[checked], mask_tensor[checked])
+    # the view is turned: it is not the unrotated mask
+    assert not torch.equal(mask_tensor, torch.from_numpy(mask.astype(np.int64)))
+    corners = ignore_mask == IGNORE
+    if abs(angle) > 5:  # a turn of a few degrees brings in a corner triangle at each corner
+        assert corners[0, 0] and corners[-1, -1] and corners[0, -1] and corners[-1, 0]
+    assert torch.all(mask_tensor[corners] == IGNORE)
+    assert torch.all(image_tensor[:, corners] == 0)  # the mean colour, as the padding
+    assert not corners[20, 20]
+
+
+def test_no_rotation_draws_nothing_so_old_streams_replay():
+    image, mask = class_coded_pair()
+    plain = WeakAugment(crop_size=32, ignore_index=IGNORE)
+    off = WeakAugment(crop_size=32, ignore_index=IGNORE, rotate_degrees=0.0)
+    on = WeakAugment(crop_size=32, ignore_index=IGNORE, rotate_degrees=10.0)
+    rngs = [np.random.default_rng(5) for _ in range(3)]
+    views = [augment(image, mask, rng) for augment, rng in zip((plain, off, on), rngs)]
+    assert all(torch.equal(a, b) for a, b in zip(views[0], views[1]))
+    assert rngs[0].random() == rngs[1].random() != rngs[2].random()

@@ -50,10 +50,14 @@ def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
 
 
 class WeakAugment:
-    """Random rescale, pad, random crop and horizontal flip of an image and its mask.
+    """Random rescale, rotation, pad, random crop and horizontal flip of an image and its mask.
 
     The image is rescaled by a factor drawn uniformly from ``scale_range`` (aspect kept;
-    bilinear), the mask with nearest-neighbour only so no new class values appear. Where the
+    bilinear), the mask with nearest-neighbour only so no new class values appear. With
+    ``rotate_degrees`` = d > 0 both are then rotated about their centre by an angle drawn
+    uniformly from [−d, d] (same canvas size; image bilinear, mask nearest); the corners the
+    rotation brings in count as padding. With d = 0 no angle is drawn, so the random stream —
+    and every crop — is the same as before rotation existed. Where the
     rescaled image is smaller than the crop it is padded on the bottom/right: the image with
     the mean colour (0 after normalisation), the mask with ``ignore_index``. The returned
     ``ignore_mask`` is ``ignore_index`` on padded pixels and 0 elsewhere, so unlabeled losses
@@ -68,12 +72,14 @@ class WeakAugment:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         ignore_index: int = 255,
+        rotate_degrees: float = 0.0,
     ):
         self.crop_height, self.crop_width = _pair(crop_size)
         # the ranges are config's (data.crop_size, data.scale_range, data.flip_prob)
         low, high = scale_range
         self.scale_range = (float(low), float(high))
         self.flip_prob = float(flip_prob)
+        self.rotate_degrees = float(rotate_degrees)
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.ignore_index = ignore_index
@@ -89,6 +95,11 @@ class WeakAugment:
         if mask is not None:
             mask = _resize_nearest(mask, size)
         width, height = size
+        # 1 where the canvas holds image content, 0 where a rotation brought in a corner
+        content = None
+        if self.rotate_degrees > 0:
+            angle = rng.uniform(-self.rotate_degrees, self.rotate_degrees)
+            image, mask, content = _rotate(image, mask, angle, self.ignore_index)
 
         # Crop window on the canvas padded at the bottom/right up to the crop size.
         top = int(rng.integers(0, max(height - self.crop_height, 0) + 1))
@@ -103,6 +114,12 @@ class WeakAugment:
         image_crop[(slice(None),) + valid] = image_to_tensor(pixels, self.mean, self.std)
         ignore_mask = torch.full(crop_shape, self.ignore_index, dtype=torch.int64)
         ignore_mask[valid] = 0
+        if content is not None:
+            outside = torch.zeros(crop_shape, dtype=torch.bool)
+            outside[valid] = torch.from_numpy(content[top:bottom, left:right] == 0)
+            ignore_mask[outside] = self.ignore_index
+            # the mean colour, exactly as the bottom/right padding
+            image_crop[:, outside] = 0.0
         mask_crop = None
         if mask is not None:
             mask_crop = torch.full(crop_shape, self.ignore_index, dtype=torch.int64)
@@ -113,6 +130,22 @@ class WeakAugment:
             ignore_mask = ignore_mask.flip(-1)
             mask_crop = None if mask_crop is None else mask_crop.flip(-1)
         return image_crop, mask_crop, ignore_mask
+
+
+def _rotate(image: Image.Image, mask: Optional[np.ndarray], angle: float, ignore_index: int
+            ) -> Tuple[Image.Image, Optional[np.ndarray], np.ndarray]:
+    """Rotate an image (bilinear) and its mask (nearest) by ``angle`` degrees anticlockwise.
+
+    Returns the rotated image, the rotated mask (``ignore_index`` in the corners brought in)
+    and an ``H×W`` uint8 array that is 1 on image content and 0 on those corners.
+    """
+    content = Image.new("L", image.size, 1).rotate(angle, Image.NEAREST, fillcolor=0)
+    image = image.rotate(angle, Image.BILINEAR)
+    if mask is not None:
+        mode_mask = Image.fromarray(mask if mask.dtype == np.uint8 else mask.astype(np.int32))
+        rotated = mode_mask.rotate(angle, Image.NEAREST, fillcolor=ignore_index)
+        mask = np.asarray(rotated).astype(mask.dtype)
+    return image, mask, np.asarray(content)
 
 
 def _resize_nearest(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:

@@ -271,7 +271,8 @@ class Trainer:
     def _datasets(self) -> tuple[SegmentationDataset, Optional[Dataset]]:
         d = self.cfg.data
         weak = WeakAugment(d.crop_size, scale_range=d.scale_range, flip_prob=d.flip_prob,
-                           mean=d.mean, std=d.std, ignore_index=d.ignore_index)
+                           mean=d.mean, std=d.std, ignore_index=d.ignore_index,
+                           rotate_degrees=d.rotate_degrees)
         labeled = SegmentationDataset(self.data.labeled, self.num_classes, d.ignore_index, weak,
                                       mode="labeled")
         unlabeled = None
