@@ -320,3 +320,36 @@ def test_bench_accuracy_reports_val_and_test_and_draws_the_pictures(tmp_path, ca
         [r["test_miou"] - supervised[r["seed"]]["test_miou"] for r in fixmatch])
     for name in ("miou_curves.png", "per_class_iou.png", "frontier.png"):
         assert _is_png(out / name)
+
+
+def test_a_signal_during_a_run_ends_bench_with_its_status_and_keeps_finished_runs(
+        tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from farcluss.engine.trainer import Trainer
+
+    root = write_tiny_dataset(tmp_path / "tiny")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"data": {"root": str(root)}}))
+    original_step = Trainer.train_step
+
+    def step_then_signal(self, batch):
+        output = original_step(self, batch)
+        if self.method.name == "supervised" and self.iteration == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # as a cluster's stop signal would arrive
+        return output
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    overrides = [o for o in tiny_overrides(root, iterations=4)
+                 if not o.startswith(("data.root", "method.name"))]
+    argv = ["bench", "accuracy", str(config), "--methods", "fixmatch,supervised", "--seeds", "0",
+            "--out", str(tmp_path / "runs")]
+    for override in overrides:
+        argv += ["--set", override]
+    assert main(argv) == 128 + signal.SIGUSR1
+    err = capsys.readouterr().err
+    assert "stopped by SIGUSR1 after iteration 1 of the run in" in err
+    assert "supervised-seed0" in err and "Traceback" not in err
+    document = json.loads((tmp_path / "runs" / "bench_accuracy.json").read_text())
+    assert [r["method"] for r in document["results"]] == ["fixmatch"]

@@ -67,6 +67,7 @@ from farcluss.data.benchmark import benchmark_is_complete
 from farcluss.data.build import build_data, dataset_root
 from farcluss.data.io import load_mask
 from farcluss.data.splits import Sample, read_split
+from farcluss.engine.signals import raise_if_stopped
 from farcluss.engine.trainer import Trainer
 from farcluss.errors import ConfigError, DataError, FarclussError
 from farcluss.report import (Band, Curve, main_model, miou_curve, plot_class_iou_bars,
@@ -162,6 +163,7 @@ def train_run(cfg: Config, run_dir: Path) -> Tuple[Dict[str, Any], float]:
     check_fresh_run_dir(run_dir)
     start = time.perf_counter()
     summary = Trainer(cfg, run_dir, resume=False).fit()
+    raise_if_stopped(summary, run_dir)
     return summary, time.perf_counter() - start
 
 

@@ -44,6 +44,7 @@ from farcluss.bench import (
 from farcluss.cli_args import add_overrides_arg, positive_int
 from farcluss.config import Config, derive_config, load_config
 from farcluss.data.build import build_data, dataset_root
+from farcluss.engine.signals import raise_if_stopped
 from farcluss.engine.trainer import Trainer
 from farcluss.errors import ConfigError, FarclussError
 from farcluss.inference import evaluate_checkpoint, predict_validation_examples
@@ -137,6 +138,7 @@ def calibrate(cfg: Config, method: str, num_val: int, work_dir: Path) -> Calibra
     trainer = Trainer(derive_config(cfg, changes), run_dir, resume=False, diagnose=False)
     built = time.perf_counter()
     summary = trainer.fit()
+    raise_if_stopped(summary, run_dir)
     fitted = time.perf_counter()
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("type") == "train"]
     shutil.rmtree(run_dir)

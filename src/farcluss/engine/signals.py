@@ -189,5 +189,26 @@ def resume_command(config: Optional[str], overrides: Sequence[str], out, distrib
     return command
 
 
+class RunStopped(Exception):
+    """A run inside a larger command (bench, demo) was stopped by a signal: end the command.
+
+    The command cannot report a run that did not finish; it ends with the run's status
+    (``128 + signum``) and one line, and keeps what the runs before it wrote.
+    """
+
+    def __init__(self, signum: int, iteration: int, run_dir):
+        self.signum = int(signum)
+        self.iteration = int(iteration)
+        self.run_dir = str(run_dir)
+        super().__init__(f"stopped by {signal_name(signum)} after iteration {iteration} of the run "
+                         f"in {run_dir}; the runs that finished before it are kept")
+
+
+def raise_if_stopped(summary: Dict, run_dir) -> None:
+    """:class:`RunStopped` when ``Trainer.fit``'s `summary` says a signal stopped the run."""
+    if summary.get("stopped_by") is not None:
+        raise RunStopped(summary["stopped_by"], summary["iteration"], run_dir)
+
+
 def print_stop(message: str) -> None:
     print(f"farcluss: {message}", file=sys.stderr, flush=True)
