@@ -148,6 +148,8 @@ class ModelConfig:
     base_width: int = bounded(64, ge=4)
     #: width of the deep stem's convs; None → base_width (UniMatch's ResNet-v1c files use 128)
     stem_width: Optional[int] = None
+    #: DeepLabV3+ width: channels of the ASPP output and the stride-4 decoder (256 as published); its 3x3 convs at stride 4 cost with the square of it and dominate a small encoder's step (ResNet-18 w32 at 96 px: 64 channels make a step ~3x cheaper)
+    decoder_channels: int = bounded(256, ge=8)
     #: registry name, local file or URL of ImageNet backbone weights; builtin:pretrained = the project's own ResNet encoder (`farcluss pretrain`, made once under ~/.cache/farcluss, sha256-checked); None = random init
     pretrained: Optional[str] = None
     #: expected sha256 (or prefix) of the pretrained file

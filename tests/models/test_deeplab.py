@@ -150,3 +150,27 @@ def test_projecting_pixels_under_autocast_runs_in_float32():
     # only the bf16 rounding of the input differs, not bf16 products
     assert torch.allclose(embeddings, expected, atol=2e-2)
     assert not torch.allclose(embeddings, expected, atol=1e-7)
+
+
+def test_decoder_channels_from_config_set_the_head_width_every_method_builds(tmp_path):
+    from conftest import tiny_overrides, write_tiny_dataset
+    from farcluss.config import load_config
+    from farcluss.methods import build_method
+
+    root = write_tiny_dataset(tmp_path / "tiny")
+    for method in ("supervised", "farcluss"):
+        cfg = load_config(overrides=tiny_overrides(root, method) + ["model.decoder_channels=24"])
+        model = build_method(cfg, 3).build_student()
+        assert model.classifier.in_channels == 24
+        assert model.aspp.project[0][0].out_channels == 24
+        logits, feature = model(torch.randn(2, 3, 32, 32))[:2]
+        assert logits.shape == (2, 3, 32, 32) and feature.shape[1] == 24
+    narrow = sum(p.numel() for p in build_model(3, "resnet18", base_width=8,
+                                                decoder_channels=24).parameters())
+    wide = sum(p.numel() for p in build_model(3, "resnet18", base_width=8).parameters())
+    assert narrow < wide
+
+
+def test_decoder_channels_are_refused_for_a_dpt_head():
+    with pytest.raises(ConfigError, match="model.decoder_channels"):
+        build_model(3, "dinov2_vits14", vit_embed_dim=64, vit_depth=2, decoder_channels=64)

@@ -119,6 +119,7 @@ class Method:
             deep_stem=m.deep_stem,
             base_width=m.base_width,
             stem_width=m.stem_width,
+            decoder_channels=m.decoder_channels,
             projection_dim=self.projection_dim(),
             arch=m.arch,
             vit_embed_dim=m.vit_embed_dim,

@@ -23,7 +23,7 @@ ARCHS = ("auto", "deeplabv3plus", "dpt")
 
 def build_model(num_classes: int, backbone: str = "resnet50", output_stride: int = 16,
                 deep_stem: bool = False, base_width: int = 64, projection_dim: int = 0,
-                *, stem_width: Optional[int] = None,
+                *, stem_width: Optional[int] = None, decoder_channels: int = 256,
                 projection_hidden: int = 256, dropout: float = 0.1, arch: str = "auto",
                 vit_embed_dim: Optional[int] = None, vit_depth: Optional[int] = None,
                 frozen_backbone: bool = False) -> Union[DeepLabV3Plus, DPT]:
@@ -41,6 +41,9 @@ def build_model(num_classes: int, backbone: str = "resnet50", output_stride: int
         arch = "dpt" if vit else "deeplabv3plus"
     if arch != ("dpt" if vit else "deeplabv3plus"):
         raise ConfigError(f"model.arch: {arch} does not take the {backbone} backbone")
+    if arch == "dpt" and decoder_channels != 256:
+        raise ConfigError("model.decoder_channels sets the DeepLabV3+ head; the DPT head of a "
+                          f"{backbone} backbone keeps its published width")
     if arch == "dpt":
         model: nn.Module = DPT(num_classes, backbone=backbone, embed_dim=vit_embed_dim,
                                depth=vit_depth, projection_dim=projection_dim,
@@ -51,7 +54,7 @@ def build_model(num_classes: int, backbone: str = "resnet50", output_stride: int
                               f"{', '.join(map(str, OUTPUT_STRIDES))}, got {output_stride}")
         model = DeepLabV3Plus(num_classes, backbone=backbone, output_stride=output_stride,
                               deep_stem=deep_stem, base_width=base_width, stem_width=stem_width,
-                              projection_dim=projection_dim, projection_hidden=projection_hidden,
+                              decoder_channels=decoder_channels, projection_dim=projection_dim, projection_hidden=projection_hidden,
                               dropout=dropout)
     if frozen_backbone:
         freeze_backbone(model)
