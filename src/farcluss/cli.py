@@ -20,7 +20,8 @@ from farcluss.data.digits import make_digits
 from farcluss.data.cityscapes import convert_cityscapes
 from farcluss.data.splits import make_splits
 from farcluss.engine.distributed import cleanup, env_from_environment, init_distributed
-from farcluss.engine.signals import RunStopped, exit_status, print_stop, resume_command, stop_message
+from farcluss.engine.signals import (RunStopped, exit_status, print_stop, resume_command,
+                                     stop_message)
 from farcluss.engine.device import resolve_device
 from farcluss.engine.trainer import Trainer
 from farcluss.errors import FarclussError

@@ -54,8 +54,8 @@ def build_model(num_classes: int, backbone: str = "resnet50", output_stride: int
                               f"{', '.join(map(str, OUTPUT_STRIDES))}, got {output_stride}")
         model = DeepLabV3Plus(num_classes, backbone=backbone, output_stride=output_stride,
                               deep_stem=deep_stem, base_width=base_width, stem_width=stem_width,
-                              decoder_channels=decoder_channels, projection_dim=projection_dim, projection_hidden=projection_hidden,
-                              dropout=dropout)
+                              decoder_channels=decoder_channels, projection_dim=projection_dim,
+                              projection_hidden=projection_hidden, dropout=dropout)
     if frozen_backbone:
         freeze_backbone(model)
     return model
