@@ -353,3 +353,97 @@ def test_a_signal_during_a_run_ends_bench_with_its_status_and_keeps_finished_run
     assert "supervised-seed0" in err and "Traceback" not in err
     document = json.loads((tmp_path / "runs" / "bench_accuracy.json").read_text())
     assert [r["method"] for r in document["results"]] == ["fixmatch"]
+
+
+def _tiny_bench_argv(tmp_path: Path, out: Path, methods: str, seeds: str, iterations: int) -> list:
+    root = tmp_path / "tiny"
+    if not root.exists():
+        write_tiny_dataset(root)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"data": {"root": str(root)}}))
+    argv = ["bench", "accuracy", str(config), "--methods", methods, "--seeds", seeds, "--out", str(out)]
+    for override in tiny_overrides(root, iterations=iterations):
+        if not override.startswith(("data.root", "method.name")):
+            argv += ["--set", override]
+    return argv
+
+
+def test_jobs_run_side_by_side_and_give_what_one_after_another_gives(tmp_path, capsys):
+    import torch
+
+    from farcluss.bench import threads_per_job
+
+    assert threads_per_job(2, threads=2) == 1 and threads_per_job(2, threads=5) == 2
+    assert threads_per_job(4, threads=2) == 1  # never 0
+    methods, seeds = "supervised,fixmatch", "0,1"
+    one_at_a_time = tmp_path / "serial"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of 2 jobs gets on a 2-thread process: equal arithmetic
+    try:
+        assert main(_tiny_bench_argv(tmp_path, one_at_a_time, methods, seeds, 3)) == 0
+    finally:
+        torch.set_num_threads(previous)
+    side_by_side = tmp_path / "jobs"
+    argv = _tiny_bench_argv(tmp_path, side_by_side, methods, seeds, 3) + ["--jobs", "2"]
+    os_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(os_threads)
+    printed = capsys.readouterr().out
+    assert "4 runs, 2 at a time, 1 thread(s) each" in printed
+
+    serial = json.loads((one_at_a_time / "bench_accuracy.json").read_text())
+    parallel = json.loads((side_by_side / "bench_accuracy.json").read_text())
+    # seed-major order whichever run finished first, and the same numbers run for run
+    order = [(r["method"], r["seed"]) for r in parallel["results"]]
+    assert order == [("supervised", 0), ("fixmatch", 0), ("supervised", 1), ("fixmatch", 1)]
+    assert order == [(r["method"], r["seed"]) for r in serial["results"]]
+    for a, b in zip(serial["results"], parallel["results"]):
+        assert a["miou"] == pytest.approx(b["miou"], abs=1e-6)
+        assert a["per_class_iou"] == pytest.approx(b["per_class_iou"], abs=1e-6)
+    for method, seed in order:
+        console = side_by_side / f"{method}-seed{seed}" / "console.log"
+        assert console.is_file()  # the run's own console, not interleaved with the others
+    # a folder that already holds runs is refused before anything starts
+    assert main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    argv = _tiny_bench_argv(tmp_path, tmp_path / "runs", "supervised", "0", 2) + ["--jobs", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "--jobs" in capsys.readouterr().err
+
+
+def test_a_signal_to_bench_with_jobs_stops_the_running_children_and_keeps_their_runs(tmp_path, capsys):
+    import os
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "runs"
+    argv = _tiny_bench_argv(tmp_path, out, "supervised,fixmatch", "0,1", 400) + ["--jobs", "2"]
+    running = [out / "supervised-seed0" / "metrics.jsonl", out / "fixmatch-seed0" / "metrics.jsonl"]
+
+    def signal_once_both_train():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if all(p.is_file() and p.stat().st_size > 0 for p in running):
+                os.kill(os.getpid(), signal.SIGUSR1)  # to the bench process only, as SLURM may
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=signal_once_both_train, daemon=True)
+    watcher.start()
+    assert main(argv) == 128 + signal.SIGUSR1
+    watcher.join()
+    err = capsys.readouterr().err
+    assert "stopped by SIGUSR1 after iteration" in err and "Traceback" not in err
+    # both children saved where they stopped; the second seed never started
+    for path in running:
+        assert (path.parent / "checkpoints" / "last.pt").is_file()
+    assert not (out / "supervised-seed1").exists()

@@ -44,6 +44,12 @@ Pictures (``OUT/*.png``, written after the last run, see `write_pictures`)::
     frontier.png          final mIoU against seconds per iteration, one point per method (mean
                           over seeds, whiskers min–max)
 
+Side by side (``--jobs N``): N runs train at once, each in a spawned process with this process's
+threads shared out (`threads_per_job`) and its console in ``<run folder>/console.log``; the
+results are the same as one after another at that thread count (the test checks it run for
+run), listed in the same seed-major order. On the 2-core machine the benchmark was made on,
+``--jobs 2`` halves the wall time of a comparison: these small models do not keep two threads busy.
+
 Paired statistics (``--reference METHOD``): a seed fixes the initialisation, the data order and
 the augmentation streams for every method, so two methods are compared seed by seed; the
 per-seed differences' mean and 95 % Student t-interval (`paired_difference`) say whether a lead
@@ -54,22 +60,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
+import queue as queue_module
 import statistics
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
-from farcluss.cli_args import add_overrides_arg
+from farcluss.cli_args import add_overrides_arg, positive_int
 from farcluss.config import Config, derive_config, load_config
 from farcluss.data.benchmark import benchmark_is_complete
 from farcluss.data.build import build_data, dataset_root
 from farcluss.data.io import load_mask
 from farcluss.data.splits import Sample, read_split
-from farcluss.engine.signals import raise_if_stopped
+from farcluss.engine.signals import RunStopped, StopRequest, raise_if_stopped
 from farcluss.engine.trainer import Trainer
 from farcluss.errors import ConfigError, DataError, FarclussError
+from farcluss.log import setup_logging
+from farcluss.pretrain import resolve_pretrained
 from farcluss.report import (Band, Curve, main_model, miou_curve, plot_class_iou_bars,
                              plot_cost_frontier, plot_miou_bands, read_metrics)
 
@@ -165,6 +179,126 @@ def train_run(cfg: Config, run_dir: Path) -> Tuple[Dict[str, Any], float]:
     summary = Trainer(cfg, run_dir, resume=False).fit()
     raise_if_stopped(summary, run_dir)
     return summary, time.perf_counter() - start
+
+
+def bench_run(cfg: Config, run_dir: Path, method: str, seed: int, rare_indices: Sequence[int],
+              with_test: bool) -> Tuple[Dict[str, Any], float]:
+    """Train one method × seed and return its results row and wall seconds."""
+    summary, seconds = train_run(cfg, run_dir)
+    result = {"method": method, "seed": seed,
+              **run_metrics(summary["final"], rare_indices),
+              # the run's own count: train.epochs derives it from the data
+              "iterations": summary["iteration"],
+              "seconds": round(seconds, 2),
+              "seconds_per_iteration": round(seconds / max(1, summary["iteration"]), 5)}
+    if with_test:
+        name, _ = judged_metrics(summary["final"])
+        # the same judged model as on val (the teacher once ready)
+        test = run_metrics({name: summary["final_test"][name]}, rare_indices)
+        result.update({f"test_{key}": value for key, value in test.items()})
+    return result, seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs side by side (--jobs)
+# ---------------------------------------------------------------------------------------------
+
+CONSOLE_FILE = "console.log"
+
+
+def threads_per_job(jobs: int, threads: Optional[int] = None) -> int:
+    """Intra-op threads each of `jobs` runs gets: this process's threads shared out, at least 1.
+
+    Two one-thread runs on two cores finish a comparison in about half the time one two-thread
+    run after another does: these small models do not keep two threads busy.
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    return max(1, threads // jobs)
+
+
+def _child_run(index: int, cfg: Config, run_dir: Path, method: str, seed: int,
+               rare_indices: Sequence[int], with_test: bool, threads: int, queue) -> None:
+    """One benchmark run in a spawned process; its console goes to ``run_dir/console.log``."""
+    torch.set_num_threads(threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / CONSOLE_FILE, "w", encoding="utf-8", buffering=1) as console:
+        sys.stdout = sys.stderr = console
+        setup_logging()
+        try:
+            queue.put((index, "ok", bench_run(cfg, run_dir, method, seed, rare_indices, with_test)))
+        except RunStopped as exc:
+            queue.put((index, "stopped", (exc.signum, exc.iteration, exc.run_dir)))
+        except BaseException as exc:  # reported by the parent, which ends the command
+            traceback.print_exc()
+            queue.put((index, "error", f"{type(exc).__name__}: {exc}"))
+
+
+def run_in_processes(work: Sequence[Tuple[Tuple[str, int], Config, Path]], jobs: int, base: Config,
+                     rare_indices: Sequence[int], with_test: bool, finished) -> None:
+    """Train `work` ((method, seed), config, run folder) `jobs` at a time, in seed-major order.
+
+    Each run is a spawned child with `threads_per_job` threads, printing into its folder's
+    ``console.log``; ``finished(result, seconds)`` is called here as each ends. A stop signal
+    (``train.stop_signals``) reaching this process is passed on to the running children, which
+    save and stop like any run; no new run starts, and the command ends with `RunStopped`
+    after the running ones have reported. A failed run ends the command the same way, with
+    its error and the path of its console log.
+    """
+    for _, _, run_dir in work:
+        check_fresh_run_dir(run_dir)  # before anything starts, not hours in
+    # made once here, not raced by two children on first use
+    resolve_pretrained(base.model)
+    threads = threads_per_job(jobs)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    pending = list(enumerate(work))
+    running: Dict[int, Tuple[Any, float]] = {}
+    forwarded: set = set()
+    stopped: Optional[Tuple[int, int, str]] = None
+    failure: Optional[str] = None
+    print(f"{len(work)} runs, {jobs} at a time, {threads} thread(s) each; each run's console: "
+          f"<run folder>/{CONSOLE_FILE}", flush=True)
+    with StopRequest(base.train.stop_signals) as stop:
+        while running or (pending and not stop.requested and failure is None):
+            while pending and len(running) < jobs and not stop.requested and failure is None:
+                index, ((method, seed), cfg, run_dir) = pending.pop(0)
+                child = context.Process(target=_child_run, args=(
+                    index, cfg, run_dir, method, seed, rare_indices, with_test, threads, queue))
+                child.start()
+                running[index] = (child, time.perf_counter())
+                print(f"started {method} seed {seed} in {run_dir}", flush=True)
+            if stop.requested:
+                for index, (child, _) in running.items():
+                    if index not in forwarded and child.is_alive():
+                        os.kill(child.pid, stop.signum)
+                        forwarded.add(index)
+            try:
+                index, status, payload = queue.get(timeout=0.5)
+            except queue_module.Empty:
+                for index, (child, _) in list(running.items()):
+                    if child.exitcode is not None and queue.empty():
+                        # died without a word (killed, out of memory)
+                        running.pop(index)
+                        run_dir = work[index][2]
+                        failure = failure or (f"the run in {run_dir} ended with exit code "
+                                              f"{child.exitcode} and no result; see "
+                                              f"{run_dir / CONSOLE_FILE}")
+                continue
+            child, _ = running.pop(index)
+            child.join()
+            if status == "ok":
+                finished(*payload)
+            elif status == "stopped":
+                stopped = stopped or payload
+            else:
+                run_dir = work[index][2]
+                failure = failure or f"the run in {run_dir} failed: {payload} (see {run_dir / CONSOLE_FILE})"
+    if failure is not None:
+        raise FarclussError(failure)
+    if stopped is not None:
+        raise RunStopped(*stopped)
+    if stop.requested:  # a signal before any run could report it
+        raise RunStopped(stop.signum, 0, work[0][2])
 
 
 def full_label_list(cfg: Config, work_dir: Path) -> Path:
@@ -361,10 +495,13 @@ def format_accuracy_table(summary: Sequence[dict], rare_names: Sequence[str], se
 
 
 def run_accuracy(config_path, methods: Sequence[str] = DEFAULT_METHODS, seeds: Sequence[int] = DEFAULT_SEEDS,
-                 overrides: Sequence[str] = (), out_dir=None, reference: Optional[str] = None
-                 ) -> Dict[str, Any]:
+                 overrides: Sequence[str] = (), out_dir=None, reference: Optional[str] = None,
+                 jobs: int = 1) -> Dict[str, Any]:
     """Train every method × seed of a config at its iterations; returns the JSON document
-    (with ``paired`` differences to `reference` when one is given)."""
+    (with ``paired`` differences to `reference` when one is given). ``jobs`` > 1 trains that
+    many runs at once in child processes (`run_in_processes`)."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1 (got {jobs})")
     unknown = [m for m in methods if m not in BENCH_METHODS]
     if unknown:
         raise ConfigError(f"unknown method '{unknown[0]}' in --methods "
@@ -398,31 +535,30 @@ def run_accuracy(config_path, methods: Sequence[str] = DEFAULT_METHODS, seeds: S
                 doc["paired_test"] = paired_statistics(results, methods, reference, split="test")
         return doc
 
-    total = len(methods) * len(seeds)
-    for seed in seeds:
-        for method in methods:
-            cfg = derive_config(base, method_changes(method, seed, full_list))
-            summary, seconds = train_run(cfg, out / f"{method}-seed{seed}")
-            result = {"method": method, "seed": seed,
-                      **run_metrics(summary["final"], rare_indices),
-                      # the run's own count: train.epochs derives it from the data
-                      "iterations": summary["iteration"],
-                      "seconds": round(seconds, 2),
-                      "seconds_per_iteration": round(seconds / max(1, summary["iteration"]), 5)}
-            if with_test:
-                name, _ = judged_metrics(summary["final"])
-                # the same judged model as on val (the teacher once ready)
-                test = run_metrics({name: summary["final_test"][name]}, rare_indices)
-                result.update({f"test_{key}": value for key, value in test.items()})
-            results.append(result)
-            line = (f"[{len(results)}/{total}] {method} seed {seed}: val mIoU {_num(result['miou']).strip()}, "
-                    f"rare mIoU {_num(result['rare_miou']).strip()}")
-            if with_test:
-                line += (f"; test mIoU {_num(result['test_miou']).strip()}, "
-                         f"rare mIoU {_num(result['test_rare_miou']).strip()}")
-            print(f"{line} ({seconds:.0f} s)")
-            # rewritten after every run: hours of finished runs survive a later failure
-            write_json(out / RESULTS_FILE, document())
+    tasks = [(method, seed) for seed in seeds for method in methods]
+    configs = [derive_config(base, method_changes(method, seed, full_list)) for method, seed in tasks]
+    run_dirs = [out / f"{method}-seed{seed}" for method, seed in tasks]
+    total = len(tasks)
+
+    def finished(result: Dict[str, Any], seconds: float) -> None:
+        results.append(result)
+        # the document lists runs in seed-major order whichever finished first
+        results.sort(key=lambda r: tasks.index((r["method"], r["seed"])))
+        line = (f"[{len(results)}/{total}] {result['method']} seed {result['seed']}: "
+                f"val mIoU {_num(result['miou']).strip()}, rare mIoU {_num(result['rare_miou']).strip()}")
+        if with_test:
+            line += (f"; test mIoU {_num(result['test_miou']).strip()}, "
+                     f"rare mIoU {_num(result['test_rare_miou']).strip()}")
+        print(f"{line} ({seconds:.0f} s)", flush=True)
+        # rewritten after every run: hours of finished runs survive a later failure
+        write_json(out / RESULTS_FILE, document())
+
+    if jobs == 1:
+        for (method, seed), cfg, run_dir in zip(tasks, configs, run_dirs):
+            finished(*bench_run(cfg, run_dir, method, seed, rare_indices, with_test))
+    else:
+        run_in_processes(list(zip(tasks, configs, run_dirs)), jobs, base, rare_indices, with_test,
+                         finished)
     final = document()
     pictures = write_pictures(final, methods, out)
     print(f"pictures: {', '.join(str(p) for p in pictures)}")
@@ -518,7 +654,7 @@ def write_json(path: Path, document: Dict[str, Any]) -> None:
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
     document = run_accuracy(args.config, _csv(args.methods), args.seeds, args.overrides, args.out,
-                            reference=args.reference)
+                            reference=args.reference, jobs=args.jobs)
     results_path = Path(document["config"]["out"]) / RESULTS_FILE
     if args.json:
         write_json(Path(args.json), document)
@@ -542,6 +678,10 @@ def register_command(subparsers) -> None:
     q.add_argument("--reference", default=None, metavar="METHOD",
                    help="also report every other method's per-seed difference to this one, its "
                         "mean and 95 %% t-interval (mIoU and rare-class mIoU)")
+    q.add_argument("--jobs", type=positive_int, default=1,
+                   help="runs trained at once, each in its own process with this process's threads "
+                        "shared out (2 on a 2-core machine: about half the wall time); each run "
+                        "then prints into <run folder>/console.log (default 1)")
     q.add_argument("--json", default=None, help="also write the results document here")
     q.add_argument("--out", default=None, help="folder of the runs, the results document and the PNG pictures "
                         "(default runs/bench-<config>-<time>)")
