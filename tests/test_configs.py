@@ -11,7 +11,8 @@ from farcluss.data.benchmark import BENCHMARK_CLASSES
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
 
-# the method keys each ablation sets on top of configs/benchmark.yaml
+# the method keys each ablation sets on top of configs/benchmark.yaml (configs/demo.yaml is the
+# demo's random-init copy of the benchmark)
 ABLATIONS = {
     "no_fuzzy": {"top_k": 1},
     "no_weighting": {"weighting": "none"},
@@ -156,3 +157,12 @@ def test_dinov2_recipes_follow_unimatch_v2(dataset, cell, method):
     other = load_config(CONFIGS / dataset / f"{cell}_vitb14{'' if suffix else '_unimatch'}.yaml")
     for section in ("data", "model", "train", "eval", "augment"):
         assert cfg.to_dict()[section] == other.to_dict()[section], section
+
+
+def test_the_demo_runs_the_benchmark_data_and_methods_from_a_random_init_model():
+    benchmark = load_config(CONFIGS / "benchmark.yaml")
+    demo = load_config(CONFIGS / "demo.yaml")
+    # the same data and method settings; only the model's start and its schedule differ
+    assert demo.data == benchmark.data and demo.method == benchmark.method
+    assert benchmark.model.pretrained == "builtin:pretrained"
+    assert demo.model.pretrained is None  # nothing to make before the demo's 10 minutes start

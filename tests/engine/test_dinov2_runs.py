@@ -91,7 +91,8 @@ def _official_file(path: Path, **kwargs) -> Path:
 
 
 def test_cli_train_with_an_official_layout_file_and_with_a_wrong_one(root, tmp_path, capsys):
-    config = Path(__file__).resolve().parents[2] / "configs" / "benchmark.yaml"
+    # the random-init benchmark recipe: the shipped benchmark's builtin:pretrained is a ResNet
+    config = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
     base = ["train", str(config), "--out", str(tmp_path / "run"), *_sets([
         f"data.root={root}", "data.test=null", "data.crop_size=28", "model.backbone=dinov2_vits14",
         "model.vit_embed_dim=32", "model.vit_depth=2", "train.iterations=1",
