@@ -80,7 +80,7 @@ from farcluss.data.build import build_data, dataset_root
 from farcluss.data.io import load_mask
 from farcluss.data.splits import Sample, read_split
 from farcluss.engine.signals import RunStopped, StopRequest, raise_if_stopped
-from farcluss.engine.trainer import Trainer
+from farcluss.engine.trainer import Trainer, judged_model
 from farcluss.errors import ConfigError, DataError, FarclussError
 from farcluss.log import setup_logging
 from farcluss.pretrain import resolve_pretrained
@@ -152,7 +152,7 @@ def mean_iou_over(per_class_iou: Sequence[Optional[float]], indices: Sequence[in
 
 def judged_metrics(final: Dict[str, dict]) -> Tuple[str, dict]:
     """(model name, metrics) a method is judged by: the teacher when there is one, else the student."""
-    name = "teacher" if final.get("teacher") is not None else "student"
+    name = judged_model(final)
     return name, final[name]
 
 

@@ -70,6 +70,12 @@ class WithSampleSeed(Dataset):
 CHECKPOINT_FORMAT = 2
 
 
+def judged_model(final: Dict[str, Any]) -> str:
+    """The model a run is judged by in its final results: the teacher once it exists (the
+    mean-teacher methods after their warm-up), else the student (supervised runs)."""
+    return "teacher" if final.get("teacher") is not None else "student"
+
+
 class Trainer:
     def __init__(self, cfg: Config, out_dir: Path, env: Optional[DistEnv] = None,
                  resume: Optional[bool] = None, data: Optional[DataBundle] = None,
@@ -405,7 +411,7 @@ class Trainer:
 
     def _warn_if_not_learning(self, final: Dict[str, dict]) -> None:
         """One line when the final model predicts only a few classes (diagnose.py)."""
-        name = "teacher" if final.get("teacher") is not None else "student"
+        name = judged_model(final)
         metrics = final.get(name)
         if not metrics or not self.env.is_main or not self.diagnose:
             return

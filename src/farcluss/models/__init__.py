@@ -7,7 +7,7 @@ from typing import Optional, Union
 from torch import nn
 
 from ..errors import ConfigError
-from .deeplab import BACKBONE_DEPTHS, DeepLabV3Plus
+from .deeplab import BACKBONE_DEPTHS, DECODER_CHANNELS, DeepLabV3Plus
 from .dpt import DPT
 from .pretrained import PRETRAINED_WEIGHTS, load_pretrained
 from .resnet import ResNet, resnet
@@ -23,7 +23,7 @@ ARCHS = ("auto", "deeplabv3plus", "dpt")
 
 def build_model(num_classes: int, backbone: str = "resnet50", output_stride: int = 16,
                 deep_stem: bool = False, base_width: int = 64, projection_dim: int = 0,
-                *, stem_width: Optional[int] = None, decoder_channels: int = 256,
+                *, stem_width: Optional[int] = None, decoder_channels: int = DECODER_CHANNELS,
                 projection_hidden: int = 256, dropout: float = 0.1, arch: str = "auto",
                 vit_embed_dim: Optional[int] = None, vit_depth: Optional[int] = None,
                 frozen_backbone: bool = False) -> Union[DeepLabV3Plus, DPT]:
@@ -41,7 +41,7 @@ def build_model(num_classes: int, backbone: str = "resnet50", output_stride: int
         arch = "dpt" if vit else "deeplabv3plus"
     if arch != ("dpt" if vit else "deeplabv3plus"):
         raise ConfigError(f"model.arch: {arch} does not take the {backbone} backbone")
-    if arch == "dpt" and decoder_channels != 256:
+    if arch == "dpt" and decoder_channels != DECODER_CHANNELS:
         raise ConfigError("model.decoder_channels sets the DeepLabV3+ head; the DPT head of a "
                           f"{backbone} backbone keeps its published width")
     if arch == "dpt":

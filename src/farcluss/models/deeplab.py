@@ -39,6 +39,9 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, norm_lay
     )
 
 
+#: the published DeepLabV3+ width of the ASPP output and the decoder feature
+DECODER_CHANNELS = 256
+
 class ImagePooling(nn.Module):
     """ASPP image-level branch: global average → 1x1 conv → ReLU → broadcast back.
 
@@ -172,7 +175,7 @@ class DeepLabV3Plus(SegmentationModel):
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", output_stride: int = 16,
                  deep_stem: bool = False, base_width: int = 64, stem_width: Optional[int] = None,
-                 decoder_channels: int = 256, low_level_channels: int = 48,
+                 decoder_channels: int = DECODER_CHANNELS, low_level_channels: int = 48,
                  aspp_dilations: Optional[Sequence[int]] = None, projection_dim: int = 0,
                  projection_hidden: int = 256, dropout: float = 0.1,
                  norm_layer: Optional[NormLayer] = None):
