@@ -486,7 +486,7 @@ def default_benchmark_dir(seed: int = 0) -> Path:
     return cache_dir() / f"benchmark-v{GENERATOR_VERSION}-seed{seed}"
 
 
-def _read_metadata(path: Path, name: str = METADATA_FILE) -> Optional[dict]:
+def read_json_object(path: Path, name: str = METADATA_FILE) -> Optional[dict]:
     """The JSON object in `path`/`name`, or None when it is missing, unreadable or not an object."""
     try:
         with open(path / name, encoding="utf-8") as handle:
@@ -503,7 +503,7 @@ def benchmark_is_complete(path) -> bool:
     complete, so its presence plus the expected file counts identify a finished build.
     """
     path = Path(path)
-    metadata = _read_metadata(path)
+    metadata = read_json_object(path)
     if metadata is None or metadata.get("generator_version") != GENERATOR_VERSION:
         return False
     try:
@@ -642,7 +642,7 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
 def _is_same_benchmark(path: Path, parameters: dict) -> bool:
     if not benchmark_is_complete(path):
         return False
-    metadata = _read_metadata(path)
+    metadata = read_json_object(path)
     return metadata is not None and metadata.get("parameters") == parameters
 
 
@@ -677,7 +677,7 @@ def make_benchmark(
     if out.exists():
         if not out.is_dir():
             raise DataError(f"benchmark output {out} exists and is not a folder")
-        if _read_metadata(out) is None and any(out.iterdir()):
+        if read_json_object(out) is None and any(out.iterdir()):
             raise DataError(f"benchmark output {out} is a non-empty folder without {METADATA_FILE}; refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from farcluss.data.benchmark import _labeled_count, _publish
-from farcluss.data.benchmark import _read_metadata as _read_json_object
+from farcluss.data.benchmark import read_json_object
 from farcluss.data.benchmark import _sibling_folder, _write_split, cache_dir
 from farcluss.errors import ConfigError, DataError
 from farcluss.log import Progress
@@ -228,15 +228,11 @@ def default_digits_dir(seed: int = 0) -> Path:
     return cache_dir() / f"digits-v{GENERATOR_VERSION}-seed{seed}"
 
 
-def _read_metadata(path: Path) -> Optional[dict]:
-    return _read_json_object(path, METADATA_FILE)
-
-
 def digits_is_complete(path) -> bool:
     """True when `path` holds a whole digits dataset of this generator version (digits.json is
     written last; the file counts must match it)."""
     path = Path(path)
-    metadata = _read_metadata(path)
+    metadata = read_json_object(path, METADATA_FILE)
     if metadata is None or metadata.get("generator_version") != GENERATOR_VERSION:
         return False
     try:
@@ -253,7 +249,7 @@ def digits_is_complete(path) -> bool:
 def _is_same_digits(path: Path, parameters: dict) -> bool:
     if not digits_is_complete(path):
         return False
-    metadata = _read_metadata(path)
+    metadata = read_json_object(path, METADATA_FILE)
     return metadata is not None and metadata.get("parameters") == parameters
 
 
@@ -355,7 +351,7 @@ def make_digits(out_dir, seed: int = 0, num_train: int = 1500, num_val: int = 30
     if out.exists():
         if not out.is_dir():
             raise DataError(f"digits output {out} exists and is not a folder")
-        if _read_metadata(out) is None and any(out.iterdir()):
+        if read_json_object(out, METADATA_FILE) is None and any(out.iterdir()):
             raise DataError(f"digits output {out} is a non-empty folder without {METADATA_FILE}; "
                             "refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
