@@ -447,3 +447,17 @@ def test_a_signal_to_bench_with_jobs_stops_the_running_children_and_keeps_their_
     for path in running:
         assert (path.parent / "checkpoints" / "last.pt").is_file()
     assert not (out / "supervised-seed1").exists()
+
+
+def test_a_run_that_fails_in_a_child_ends_bench_with_one_line_naming_its_console(tmp_path, capsys):
+    out = tmp_path / "runs"
+    argv = _tiny_bench_argv(tmp_path, out, "supervised", "0,1,2", 3) + ["--jobs", "2"]
+    # images are read when a batch needs them: the children fail, not the parent's checks
+    for image in sorted((tmp_path / "tiny" / "images").glob("*.png")):
+        image.write_bytes(b"not a png")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "failed:" in err and "console.log" in err and "Traceback" not in err
+    assert not (out / "supervised-seed2").exists()  # nothing new starts after a failure
+    logs = [p.read_text() for p in out.glob("supervised-seed*/console.log")]
+    assert logs and all("Traceback" in text for text in logs)  # the detail is in the run's log
