@@ -59,11 +59,14 @@ def test_channels_last_trains_and_keeps_the_model_function(tiny_dataset, tmp_pat
     assert student.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     # the layout changes strides, not the function (dropout is off in eval mode)
     reference = copy.deepcopy(student).to(memory_format=torch.contiguous_format)
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    device = student.backbone.conv1.weight.device
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         nhwc = student(images.contiguous(memory_format=torch.channels_last))[0]
         nchw = reference(images)[0]
-    assert torch.allclose(nhwc, nchw, rtol=1e-4, atol=1e-4)
+    # on CUDA each layout gets its own cuDNN kernels, which round TF32 products differently
+    tolerance = 1e-2 if device.type == "cuda" else 1e-4
+    assert torch.allclose(nhwc, nchw, rtol=tolerance, atol=tolerance)
 
 
 def test_entropy_soft_ce_and_contrastive_compute_in_float32_under_autocast():
