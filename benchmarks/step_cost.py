@@ -269,16 +269,32 @@ def measure_data_wait(settings: Settings, iterations: int, workers: int) -> dict
             "first_window_fraction": windows[0]["data_wait_fraction"]}
 
 
-def profile_steps(steps: Dict[str, Callable[[], None]], rows: int = 15) -> None:
+def profile_steps(steps: Dict[str, Callable[[], None]], device: torch.device,
+                  rows: int = 15) -> None:
+    """Top operators of 3 steps per variant, by self CPU time; on CUDA also by GPU time, with the
+    step's summed kernel time against its wall time (a gap is launch latency or host syncs)."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync = synchronizer(device)
     for name, step in steps.items():
         step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sync()
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
             for _ in range(3):
                 step()
+            sync()
+            wall = (time.perf_counter() - start) / 3
+        averages = prof.key_averages()
         print(f"\n--- profile: {name} (3 steps, self CPU time) ---")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
+        if cuda:
+            kernel_us = sum(event.self_device_time_total for event in averages) / 3
+            print(f"--- profile: {name}: GPU kernels {kernel_us / 1e3:.1f} ms of a "
+                  f"{wall * 1e3:.1f} ms step (self GPU time) ---")
+            print(averages.table(sort_by="self_device_time_total", row_limit=rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +402,7 @@ def run(args: argparse.Namespace) -> dict:
         amp_steps = {f"{name}@bf16": build_step(name, bf16) for name in ("fixmatch", "farcluss")}
     seconds = median_step_seconds({**steps, **amp_steps}, args.warmup, args.iterations, device)
     if args.profile:
-        profile_steps({name: steps[name] for name in ("fixmatch", "farcluss")})
+        profile_steps({name: steps[name] for name in ("fixmatch", "farcluss")}, device)
     del steps, amp_steps
     gc.collect()
 

@@ -233,7 +233,7 @@ def test_apply_cutmix_moves_the_same_pixels_in_images_probabilities_and_masks():
     images = torch.rand(4, 3, 16, 16, generator=generator)
     probs = torch.softmax(torch.randn(4, 5, 16, 16, generator=generator), dim=1)
     labels = torch.arange(4).view(4, 1, 1).expand(4, 16, 16).clone()  # image i is labelled i
-    box = cutmix_masks(4, 32, 32, prob=1.0, generator=generator)
+    box = cutmix_masks(4, 16, 16, prob=1.0, generator=generator)
     partners = cutmix_partners(4, generator)
 
     mixed_images = apply_cutmix(images, box, partners)
