@@ -53,7 +53,15 @@ step train_fp16 120 $PY -m torch.distributed.run --standalone --nproc_per_node=$
 # the same run continued to 60 iterations from its checkpoint (resume on CUDA, GradScaler state)
 step resume_fp16 90 $PY -m torch.distributed.run --standalone --nproc_per_node=${NPROC:-1} -m farcluss \
     train "${recipe[@]}" --set train.iterations=60 --out "$WORK/run" --resume
-cp "$WORK/run/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null
+# the logged train records (seconds per iteration of each window, data wait), not the whole file:
+# only a few files come back from a lent machine
+step train_records 30 $PY -c "
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get('type') == 'train':
+        print({k: r[k] for k in ('iteration', 'loss_sup', 'seconds_per_iteration', 'data_wait_fraction') if k in r})
+" "$WORK/run/metrics.jsonl"
 TAIL=14 step cost_vitb_518 120 $PY benchmarks/step_cost.py --backbone dinov2_vitb14 --crop 518 \
     --batch 4 --classes 21 --device cuda --amp bf16 --iterations 6 --warmup 2 \
     --json "$OUT/cost_vitb_518.json"
