@@ -12,7 +12,7 @@
 # are checked only where NPROC=2 (two GPUs) is given.
 # Each step has its own time limit and log; a failing step does not stop the others.
 #
-#   OUT=runs/gpu_check bash benchmarks/gpu_check.sh        # about 5 minutes on one H200
+#   OUT=runs/gpu_check bash benchmarks/gpu_check.sh        # about 7 minutes on one H200
 #
 # ImageNet weights cannot be downloaded on a machine without internet: the recipe runs with
 # model.pretrained=null there, which changes the accuracy, not the code path being checked.
@@ -56,11 +56,10 @@ step resume_fp16 90 $PY -m torch.distributed.run --standalone --nproc_per_node=$
 # the logged train records (seconds per iteration of each window, data wait), not the whole file:
 # only a few files come back from a lent machine
 step train_records 30 $PY -c "
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    if r.get('type') == 'train':
-        print({k: r[k] for k in ('iteration', 'loss_sup', 'seconds_per_iteration', 'data_wait_fraction') if k in r})
+import sys
+from farcluss.report import read_metrics, train_records
+for r in train_records(read_metrics(sys.argv[1])):
+    print({k: r[k] for k in ('iteration', 'loss_sup', 'seconds_per_iteration', 'data_wait_fraction') if k in r})
 " "$WORK/run/metrics.jsonl"
 TAIL=14 step cost_vitb_518 120 $PY benchmarks/step_cost.py --backbone dinov2_vitb14 --crop 518 \
     --batch 4 --classes 21 --device cuda --amp bf16 --iterations 6 --warmup 2 \
