@@ -46,7 +46,7 @@ def moderate(tmp_path_factory) -> Path:
 def test_same_seed_writes_byte_identical_files(tiny, tmp_path):
     again = make_benchmark(tmp_path / "again", seed=3, **TINY)
     first, second = file_hashes(tiny), file_hashes(again)
-    assert len(first) == 34 + 34 + 7  # images, masks, classes.txt, 5 split lists, benchmark.json
+    assert len(first) == 34 + 34 + 9  # images, masks, classes.txt, 7 split lists, benchmark.json
     assert first == second
 
 
@@ -98,7 +98,8 @@ def test_layout_classes_splits_and_masks(tiny):
     metadata = json.loads((tiny / "benchmark.json").read_text())
     assert metadata["generator_version"] == GENERATOR_VERSION
     assert metadata["parameters"]["seed"] == 3
-    assert metadata["counts"] == {"train": 24, "val": 6, "test": 4, "labeled": 2, "unlabeled": 22}
+    assert metadata["counts"] == {"train": 24, "val": 6, "test": 4, "labeled": 2, "unlabeled": 22,
+                                  "labeled_half": 1, "unlabeled_half": 23}
     assert metadata["parameters"]["num_test"] == 4
     assert sum(metadata["class_pixel_frequency"]["train"].values()) == pytest.approx(1.0, abs=1e-4)
     # the test statistics are the ones measured from the test masks
@@ -110,6 +111,25 @@ def test_layout_classes_splits_and_masks(tiny):
         images += per_class > 0
     assert [metadata["class_pixel_counts"]["test"][name] for name in classes] == pixels.tolist()
     assert [metadata["class_image_counts"]["test"][name] for name in classes] == images.tolist()
+
+
+def test_half_label_budget_is_nested_in_the_labeled_split(moderate):
+    # 300 train images at 1/16: 19 labeled, the half budget the first 9 of the same draw
+    labeled = {image for image, _ in read_split(moderate, "labeled.txt")}
+    labeled_half = {image for image, _ in read_split(moderate, "labeled_half.txt")}
+    unlabeled_half = {image for image, _ in read_split(moderate, "unlabeled_half.txt")}
+    train_full = {image for image, _ in read_split(moderate, "train_full.txt")}
+    assert len(labeled) == 19 and len(labeled_half) == 9
+    assert labeled_half < labeled
+    assert not labeled_half & unlabeled_half and labeled_half | unlabeled_half == train_full
+    metadata = json.loads((moderate / "benchmark.json").read_text())
+    assert metadata["counts"]["labeled_half"] == 9 and metadata["counts"]["unlabeled_half"] == 291
+    # per-class image counts of the half split are the ones its masks hold
+    counts = np.zeros(len(BENCHMARK_CLASSES), np.int64)
+    for _, mask_path in read_split(moderate, "labeled_half.txt"):
+        counts += np.bincount(np.asarray(Image.open(moderate / mask_path)).ravel(),
+                              minlength=len(BENCHMARK_CLASSES)) > 0
+    assert [metadata["class_image_counts"]["labeled_half"][name] for name in BENCHMARK_CLASSES] == counts.tolist()
 
 
 def _pixels_digest(folder: Path, names) -> str:
@@ -251,7 +271,8 @@ def test_default_dir_honours_cache_variable(monkeypatch, tmp_path):
 
 
 def test_split_file_names_are_the_documented_ones(tiny):
-    assert SPLIT_FILES == ("labeled.txt", "unlabeled.txt", "val.txt", "train_full.txt", "test.txt")
+    assert SPLIT_FILES == ("labeled.txt", "unlabeled.txt", "val.txt", "train_full.txt", "test.txt",
+                           "labeled_half.txt", "unlabeled_half.txt")
     assert sorted(path.name for path in (tiny / "splits").iterdir()) == sorted(SPLIT_FILES)
 
 

@@ -9,6 +9,9 @@ loading code as user data::
       classes.txt               one class name per line, background first
       splits/labeled.txt  splits/unlabeled.txt  splits/val.txt  splits/train_full.txt
       splits/test.txt           held-back test images, numbered after the val images
+      splits/labeled_half.txt  splits/unlabeled_half.txt
+                                half of labeled.txt (1/32 of train at the default 1/16) and
+                                the rest of train: the benchmark's label budget (docs/method.md)
       benchmark.json            generator version, parameters, counts, class frequencies
 
 Design. The training pipeline's strong view applies colour jitter (hue up to 0.25), grayscale and
@@ -51,9 +54,12 @@ from farcluss.log import Progress
 
 # Bump whenever the rendered pixels, the split selection or the file layout change: a cached
 # benchmark written by another version is then regenerated instead of silently reused.
-GENERATOR_VERSION = 2  # 2: the held-back test split (splits/test.txt)
+# 2: the held-back test split (splits/test.txt); 3: the nested half-size labeled split
+# (splits/labeled_half.txt, unlabeled_half.txt), every other file as version 2 wrote it.
+GENERATOR_VERSION = 3
 
-SPLIT_FILES = ("labeled.txt", "unlabeled.txt", "val.txt", "train_full.txt", "test.txt")
+SPLIT_FILES = ("labeled.txt", "unlabeled.txt", "val.txt", "train_full.txt", "test.txt",
+               "labeled_half.txt", "unlabeled_half.txt")
 METADATA_FILE = "benchmark.json"
 
 # Separate random streams for the three splits and for the labeled-subset draw.
@@ -604,16 +610,24 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
 
     split_rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_STREAM]))
     labeled_count = _labeled_count(num_train, parameters["labeled_fraction"])
-    labeled = np.sort(split_rng.permutation(num_train)[:labeled_count])
+    draw = split_rng.permutation(num_train)
+    labeled = np.sort(draw[:labeled_count])
     unlabeled = np.setdiff1d(np.arange(num_train), labeled)
     _write_split(folder / "splits" / "labeled.txt", [names[i] for i in labeled])
     _write_split(folder / "splits" / "unlabeled.txt", [names[i] for i in unlabeled])
+    # The half-size budget is the first half of the same draw, so its labeled images are a subset
+    # of labeled.txt: a method compared at both budgets sees more labels, never other ones.
+    labeled_half = np.sort(draw[:max(1, labeled_count // 2)])
+    unlabeled_half = np.setdiff1d(np.arange(num_train), labeled_half)
+    _write_split(folder / "splits" / "labeled_half.txt", [names[i] for i in labeled_half])
+    _write_split(folder / "splits" / "unlabeled_half.txt", [names[i] for i in unlabeled_half])
     _write_split(folder / "splits" / "train_full.txt", names[:num_train])
     _write_split(folder / "splits" / "val.txt", names[num_train:num_train + num_val])
     _write_split(folder / "splits" / "test.txt", names[num_train + num_val:])
     (folder / "classes.txt").write_text("".join(f"{name}\n" for name in BENCHMARK_CLASSES), encoding="utf-8")
 
     labeled_image_counts = np.sum(np.stack(classes_per_image)[labeled], axis=0)
+    labeled_half_image_counts = np.sum(np.stack(classes_per_image)[labeled_half], axis=0)
     metadata = {
         "generator_version": GENERATOR_VERSION,
         "parameters": parameters,
@@ -624,6 +638,8 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
             "test": num_test,
             "labeled": int(labeled.size),
             "unlabeled": int(unlabeled.size),
+            "labeled_half": int(labeled_half.size),
+            "unlabeled_half": int(unlabeled_half.size),
         },
         "class_pixel_frequency": {split: _class_table(counts) for split, counts in pixel_counts.items()},
         "class_pixel_counts": {
@@ -634,6 +650,7 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
             "val": dict(zip(BENCHMARK_CLASSES, map(int, image_counts["val"]))),
             "test": dict(zip(BENCHMARK_CLASSES, map(int, image_counts["test"]))),
             "labeled": dict(zip(BENCHMARK_CLASSES, map(int, labeled_image_counts))),
+            "labeled_half": dict(zip(BENCHMARK_CLASSES, map(int, labeled_half_image_counts))),
         },
     }
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
@@ -659,7 +676,8 @@ def make_benchmark(
     """Generate the benchmark into `out_dir` (or reuse it) and return its path.
 
     Splits: ``labeled`` is a seeded random ``labeled_fraction`` of the train images, ``unlabeled``
-    the rest of train, ``train_full`` all of train (the supervised ceiling), ``val`` the
+    the rest of train, ``labeled_half`` the first half of the same draw (a subset of ``labeled``)
+    and ``unlabeled_half`` the rest of train, ``train_full`` all of train (the supervised ceiling), ``val`` the
     ``num_val`` validation images (for model selection), ``test`` the ``num_test`` held-back
     test images (never used to choose anything; report them once the choices are made on val).
     Image sides are drawn uniformly from ``size_range``.
