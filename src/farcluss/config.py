@@ -184,6 +184,10 @@ class MethodConfig:
     ramp: float = bounded(0.05, ge=0, le=1)
     #: confidence threshold on the teacher; None → 0.95 for fixmatch, 0 (off) for farcluss
     threshold: Optional[float] = bounded(None, ge=0, lt=1)
+    #: distribution alignment of the teacher's probabilities before pseudo-labels, targets and weights (docs/method.md §1b; not in the paper): off | labels (p_c · π_c / p̄_c, π the labeled pixels' class prior, p̄ the teacher's mean prediction on unlabeled pixels, both running means)
+    distribution_alignment: Literal["off", "labels"] = "off"
+    #: momentum of the running means π and p̄ of distribution_alignment=labels (0.99: about the last 100 iterations)
+    alignment_momentum: float = bounded(0.99, ge=0, lt=1)
     #: K of the fuzzy top-K targets (1 = hard pseudo-labels, C = full distribution)
     top_k: int = bounded(3, ge=1)
     #: temperature on teacher probabilities before top-K

@@ -43,14 +43,17 @@ from farcluss.methods.base import Batch
 WORLD_SIZE = 2
 BATCH_PER_RANK = 1
 ITERATIONS = 3
-# "<method>_dinov2": the method on a tiny DINOv2 ViT + DPT (no BatchNorm: W ranks × b ≡ 1 × W·b)
-METHODS = ("fixmatch", "unimatch", "farcluss", "unimatch_dinov2")
+# "<method>_dinov2": the method on a tiny DINOv2 ViT + DPT (no BatchNorm: W ranks × b ≡ 1 × W·b);
+# "<method>_aligned": with distribution alignment (its running means are global)
+METHODS = ("fixmatch", "unimatch", "farcluss", "unimatch_dinov2", "fixmatch_aligned")
 
 
 def _overrides(root: Path, method: str, batch_size: int) -> list[str]:
-    method, _, backbone = method.partition("_")
+    method, _, variant = method.partition("_")
     model = (["model.backbone=dinov2_vits14", "model.vit_embed_dim=32", "model.vit_depth=2"]
-             if backbone == "dinov2" else ["model.backbone=resnet18", "model.base_width=8"])
+             if variant == "dinov2" else ["model.backbone=resnet18", "model.base_width=8"])
+    if variant == "aligned":
+        model.append("method.distribution_alignment=labels")
     return [
         f"data.root={root}", "data.crop_size=32", "data.scale_range=[1,1]",
         *model, f"method.name={method}",

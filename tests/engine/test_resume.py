@@ -243,6 +243,8 @@ SKELETON_CASES = {
                                  "method.feature_perturbation=complementary"]),
     "farcluss_two_views": ("farcluss", ["method.strong_views=2",
                                         "method.feature_perturbation=dropout"]),
+    # distribution alignment's running means live in the method and must resume too
+    "farcluss_aligned": ("farcluss", ["method.distribution_alignment=labels"]),
 }
 
 
@@ -266,5 +268,6 @@ def test_every_skeleton_resumes_bitwise_exactly_after_a_crash(reference, tmp_pat
     # the unlabeled terms of the skeleton were trained, not skipped
     names = {"unimatch": {"loss_unsup", "loss_unsup2", "loss_fp"},
              "unimatch_v2": {"loss_unsup", "loss_unsup2"},
-             "farcluss_two_views": {"loss_unsup", "loss_unsup2", "loss_fp", "loss_con"}}[case]
+             "farcluss_two_views": {"loss_unsup", "loss_unsup2", "loss_fp", "loss_con"},
+             "farcluss_aligned": {"loss_unsup", "loss_con", "alignment_ratio_max"}}[case]
     assert names <= set(records[-1])

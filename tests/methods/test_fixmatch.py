@@ -119,3 +119,53 @@ def test_ramp_weights_the_unsup_term():
     output = method.losses(_batch(), ConstantStudent(STUDENT_LOGITS),
                            FixedTeacher(_pixels(CONFIDENT, CONFIDENT)), iteration=5)
     assert output.weights["unsup"] == pytest.approx(0.5 * 0.5)
+
+
+def _labeled_half_0_half_2() -> Batch:
+    batch = _batch()
+    masks_l = torch.zeros(1, SIZE, SIZE, dtype=torch.long)
+    masks_l[0, :, SIZE // 2:] = 2
+    batch.masks_l = masks_l
+    return batch
+
+
+def test_distribution_alignment_by_hand_lets_the_unsure_image_through():
+    # labeled prior π = [0.5, 0, 0.5]; the teacher's mean p̄ over the 128 unlabeled pixels is
+    # [0.305, 0.155, 0.54]; ratio π/p̄ = [1.6393, ~0, 0.9259]. The unsure image [0.6, 0.3, 0.1]
+    # becomes [0.9836, 0, 0.0926] / 1.0762 = [0.9140, 0, 0.0860]: above a 0.9 threshold, class 0.
+    teacher = FixedTeacher(_pixels(CONFIDENT, UNSURE))
+    plain = _fixmatch("method.threshold=0.9").losses(
+        _labeled_half_0_half_2(), ConstantStudent(STUDENT_LOGITS), teacher, iteration=50)
+    method = _fixmatch("method.threshold=0.9", "method.distribution_alignment=labels")
+    aligned = method.losses(_labeled_half_0_half_2(), ConstantStudent(STUDENT_LOGITS), teacher,
+                            iteration=50)
+    # without alignment only the confident image (class 2, loss log 2) counts
+    assert plain.terms["unsup"].item() == pytest.approx(0.5 * math.log(2.0), rel=1e-5)
+    # with it the unsure image joins as class 0 (loss log 4): (64 log 2 + 64 log 4) / 128
+    assert aligned.terms["unsup"].item() == pytest.approx(1.5 * math.log(2.0), rel=1e-5)
+    assert aligned.stats["kept_fraction"].item() == pytest.approx(1.0)
+    assert torch.allclose(aligned.stats["pseudo_label_frequency"], torch.tensor([0.5, 0.0, 0.5]))
+    assert torch.allclose(method.alignment_prior, torch.tensor([0.5, 0.0, 0.5]))
+    assert torch.allclose(method.alignment_mean, torch.tensor([0.305, 0.155, 0.54]))
+    assert aligned.stats["alignment_ratio_max"].item() == pytest.approx(0.5 / 0.305, rel=1e-4)
+    assert "alignment_ratio_max" not in plain.stats
+
+
+def test_alignment_means_are_running_means_saved_with_the_run():
+    teacher = FixedTeacher(_pixels(CONFIDENT, UNSURE))
+    method = _fixmatch("method.distribution_alignment=labels", "method.alignment_momentum=0.9")
+    method.losses(_labeled_half_0_half_2(), ConstantStudent(STUDENT_LOGITS), teacher, iteration=50)
+    # second step: every labeled pixel is class 1 → π = 0.9·[0.5, 0, 0.5] + 0.1·[0, 1, 0]
+    method.losses(Batch(
+        images_l=torch.zeros(1, 3, SIZE, SIZE), masks_l=torch.ones(1, SIZE, SIZE, dtype=torch.long),
+        images_u_weak=torch.randn(2, 3, SIZE, SIZE),
+        ignore_mask_u=torch.zeros(2, SIZE, SIZE, dtype=torch.long),
+        seeds_u=torch.tensor([1, 2])), ConstantStudent(STUDENT_LOGITS), teacher, iteration=51)
+    assert torch.allclose(method.alignment_prior, torch.tensor([0.45, 0.1, 0.45]))
+    assert torch.allclose(method.alignment_mean, torch.tensor([0.305, 0.155, 0.54]))
+    # a resumed method continues from the saved means, not from the next batch alone
+    resumed = _fixmatch("method.distribution_alignment=labels", "method.alignment_momentum=0.9")
+    resumed.load_global_state(method.global_state())
+    assert torch.equal(resumed.alignment_prior, method.alignment_prior)
+    assert torch.equal(resumed.alignment_mean, method.alignment_mean)
+    assert "alignment" not in _fixmatch().global_state()

@@ -16,7 +16,10 @@ from farcluss.augment import (CUTMIX_DRAWS, STRONG_AUGMENT_DRAWS, StrongAugment,
                                per_sample_uniform)
 from farcluss.config import Config, resolved_skeleton
 from farcluss.engine.ema import copy_into_teacher, ema_momentum, make_teacher, update_teacher
+from farcluss.losses.align import (align_distribution, alignment_ratio, label_frequency,
+                                   mean_prediction)
 from farcluss.losses.ce import cross_entropy, ohem_cross_entropy
+from farcluss.losses.rebalance import ema_counts
 from farcluss.methods.perturbation import ComplementaryDropout, DropoutCopy
 from farcluss.models import build_model
 
@@ -226,6 +229,12 @@ class MeanTeacherMethod(Method):
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000003 + 7919 * rank + 1)
         #: EMA updates since the teacher last restarted (m_t depends on it)
         self.ema_steps = 0
+        #: running means of distribution alignment (§1b): the labeled pixels' class prior π and
+        #: the teacher's mean prediction p̄; None until the first unlabeled step. Global over
+        #: ranks (every rank holds the same values) and saved in checkpoints.
+        self.alignment_prior: Optional[Tensor] = None
+        self.alignment_mean: Optional[Tensor] = None
+        self._alignment_stats: Dict[str, Tensor] = {}
 
     # ---- the teacher's lifecycle ----------------------------------------------------------------
     @property
@@ -274,10 +283,18 @@ class MeanTeacherMethod(Method):
             self.generator.set_state(state["generator"])
 
     def global_state(self) -> dict:
-        return {"ema_steps": self.ema_steps}
+        state: dict = {"ema_steps": self.ema_steps}
+        if self.alignment_prior is not None and self.alignment_mean is not None:
+            state["alignment"] = {"prior": self.alignment_prior.detach().cpu(),
+                                  "mean": self.alignment_mean.detach().cpu()}
+        return state
 
     def load_global_state(self, checkpoint: dict) -> None:
         self.ema_steps = int(checkpoint.get("ema_steps", 0))
+        alignment = checkpoint.get("alignment")
+        if alignment is not None:
+            self.alignment_prior = alignment["prior"].clone()
+            self.alignment_mean = alignment["mean"].clone()
 
     def ramp_weight(self, iteration: int) -> float:
         m = self.cfg.method
@@ -314,9 +331,33 @@ class MeanTeacherMethod(Method):
             with torch.no_grad():
                 teacher_logits = teacher(images_u_weak)[0]
         teacher_probs = torch.softmax(teacher_logits.float(), dim=1)
-        view = UnlabeledView(images_u_weak, teacher_probs,
-                             batch.ignore_mask_u != self.ignore_index)
+        valid_mask = batch.ignore_mask_u != self.ignore_index
+        if self.cfg.method.distribution_alignment == "labels":
+            teacher_probs = self.align_teacher_probs(teacher_probs, valid_mask, batch.masks_l)
+        view = UnlabeledView(images_u_weak, teacher_probs, valid_mask)
         return view, logits_fp
+
+    @torch.no_grad()
+    def align_teacher_probs(self, teacher_probs: Tensor, valid_mask: Tensor,
+                            masks_l: Tensor) -> Tensor:
+        """Distribution alignment (§1b): update the running means π (labeled pixels' classes)
+        and p̄ (the teacher's mean prediction, before alignment) with this global batch, then
+        rescale the teacher's probabilities by π / p̄."""
+        momentum = self.cfg.method.alignment_momentum
+        batch_prior = label_frequency(masks_l, self.num_classes, self.ignore_index,
+                                      reduce=self.reduce)
+        batch_mean = mean_prediction(teacher_probs, valid_mask, reduce=self.reduce)
+        previous_prior = None if self.alignment_prior is None \
+            else self.alignment_prior.to(batch_prior.device)
+        previous_mean = None if self.alignment_mean is None \
+            else self.alignment_mean.to(batch_mean.device)
+        self.alignment_prior = ema_counts(previous_prior, batch_prior, momentum)
+        self.alignment_mean = ema_counts(previous_mean, batch_mean, momentum)
+        ratio = alignment_ratio(self.alignment_prior, self.alignment_mean)
+        # how hard alignment pushes: the largest and smallest factor on a class's probability
+        self._alignment_stats = {"alignment_ratio_min": ratio.min(),
+                                 "alignment_ratio_max": ratio.max()}
+        return align_distribution(teacher_probs, self.alignment_prior, self.alignment_mean)
 
     @torch.no_grad()
     def strong_view(self, batch: Batch, weak: UnlabeledView, index: int = 0) -> UnlabeledView:
@@ -406,6 +447,7 @@ class MeanTeacherMethod(Method):
             if logits_fp is not None:
                 terms["fp"], _ = self.view_loss(logits_fp, weak)
                 weights["fp"] = unsup_weight * fp_share
+            stats.update(self._alignment_stats)
         self.extra_terms(output, batch, views, terms, weights, stats)
         return LossOutput(terms=terms, weights=weights, stats=stats)
 
