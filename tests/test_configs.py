@@ -28,6 +28,7 @@ ABLATIONS = {
     "rebalance_pixels": {"rebalance_normalize": "pixels"},
     "unsup_weighted_mean": {"unsup_normalize": "weights"},
     "contrastive_all_pixels": {"contrastive_weight_threshold": 0.0},
+    "distribution_alignment": {"distribution_alignment": "labels", "alignment_momentum": 0.99},
     "fixmatch_equivalent": {"top_k": 1, "weighting": "none", "rebalance": "off",
                             "contrastive": "off", "threshold": 0.95},
 }
