@@ -461,3 +461,60 @@ def test_a_run_that_fails_in_a_child_ends_bench_with_one_line_naming_its_console
     assert not (out / "supervised-seed2").exists()  # nothing new starts after a failure
     logs = [p.read_text() for p in out.glob("supervised-seed*/console.log")]
     assert logs and all("Traceback" in text for text in logs)  # the detail is in the run's log
+
+
+# ---- bench compare: paired statistics across results documents --------------------------------
+
+def _document(path: Path, runs: dict, rare=("moon", "cross", "star"), split="test",
+              overrides=()) -> Path:
+    """A results document as bench accuracy writes it; runs: (method, seed) → (val, test) mIoU,
+    rare mIoU = mIoU − 10."""
+    results = [{"method": method, "seed": seed, "miou": val, "rare_miou": val - 10,
+                "test_miou": test, "test_rare_miou": test - 10}
+               for (method, seed), (val, test) in runs.items()]
+    path.write_text(json.dumps({"split": split, "results": results, "rare_classes": list(rare),
+                                "config": {"overrides": list(overrides)}}))
+    return path
+
+
+def test_bench_compare_pairs_seeds_across_documents(tmp_path, capsys):
+    plain = _document(tmp_path / "plain.json", {
+        ("supervised", 0): (50.0, 52.0), ("farcluss", 0): (55.0, 56.0),
+        ("supervised", 1): (48.0, 49.0), ("farcluss", 1): (51.0, 53.0),
+        ("supervised", 2): (49.0, 50.0), ("farcluss", 2): (54.0, 54.0)})
+    variant = _document(tmp_path / "variant.json", {
+        ("farcluss", 0): (57.0, 58.0), ("farcluss", 1): (52.0, 55.0), ("farcluss", 2): (53.0, 56.0)},
+        overrides=["method.strong_views=2"])
+    out = tmp_path / "merged.json"
+    assert main(["bench", "compare", str(plain), f"{variant}=two_views", "--reference", "farcluss",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{variant} as @two_views: method.strong_views=2" in printed
+    merged = json.loads(out.read_text())
+    rows = {row["method"]: row for row in merged["paired_test"]}
+    # test differences to farcluss per seed: +2, +2, +2 → mean 2, std 0
+    assert rows["farcluss@two_views"]["miou"]["differences"] == [2.0, 2.0, 2.0]
+    assert rows["farcluss@two_views"]["miou"]["ci95_low"] == pytest.approx(2.0)
+    # supervised − farcluss on test: −4, −4, −4; on val −5, −3, −5 → mean −13/3, s = 2/√3
+    assert rows["supervised"]["miou"]["mean"] == pytest.approx(-4.0)
+    val_rows = {row["method"]: row for row in merged["paired"]}
+    half = T_975[2] * (2 / math.sqrt(3)) / math.sqrt(3)
+    assert val_rows["supervised"]["miou"]["mean"] == pytest.approx(-13 / 3)
+    assert val_rows["supervised"]["miou"]["ci95_high"] == pytest.approx(-13 / 3 + half)
+    assert val_rows["farcluss@two_views"]["rare_miou"]["differences"] == [2.0, 1.0, -1.0]
+    assert "farcluss@two_views" in printed and "paired differences to farcluss on test" in printed
+
+
+def test_bench_compare_refuses_documents_whose_seeds_do_not_pair(tmp_path, capsys):
+    first = _document(tmp_path / "a.json", {("farcluss", 0): (50.0, 51.0)})
+    same_names = _document(tmp_path / "b.json", {("farcluss", 0): (52.0, 53.0)})
+    assert main(["bench", "compare", str(first), str(same_names), "--reference", "farcluss"]) == 2
+    assert "farcluss seed 0 is in two documents; name one with PATH=LABEL" in capsys.readouterr().err
+    other_labels = _document(tmp_path / "c.json", {("fixmatch", 0): (52.0, 53.0)},
+                             rare=("star", "cross", "moon"))
+    assert main(["bench", "compare", str(first), str(other_labels), "--reference", "farcluss"]) == 2
+    assert "another labeled list, so its seeds do not pair" in capsys.readouterr().err
+    assert main(["bench", "compare", str(tmp_path / "missing.json"), "--reference", "x"]) == 2
+    assert "missing.json: cannot read the results document" in capsys.readouterr().err
+    assert main(["bench", "compare", str(first), "--reference", "unimatch"]) == 2
+    assert "--reference unimatch is not among the documents' methods (farcluss)" in capsys.readouterr().err

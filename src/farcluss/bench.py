@@ -54,6 +54,10 @@ Paired statistics (``--reference METHOD``): a seed fixes the initialisation, the
 the augmentation streams for every method, so two methods are compared seed by seed; the
 per-seed differences' mean and 95 % Student t-interval (`paired_difference`) say whether a lead
 is larger than the seed-to-seed spread, which the unpaired means ± std hide.
+
+Across invocations (``farcluss bench compare A.json B.json=LABEL --reference METHOD``): a variant
+trained in its own ``bench accuracy`` run (``--set method.strong_views=2``) pairs with the plain
+methods of another by seed, as long as both used the same labeled list (`merge_results`).
 """
 
 from __future__ import annotations
@@ -633,6 +637,106 @@ def write_pictures(document: Dict[str, Any], methods: Sequence[str], out: Path) 
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# Comparing results documents (`farcluss bench compare`)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_results(path: Path) -> Dict[str, Any]:
+    """A results document written by `bench accuracy` (DataError naming the file otherwise)."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the results document ({error.strerror or error})") from None
+    except ValueError:
+        raise DataError(f"{path}: not a JSON results document of farcluss bench accuracy") from None
+    if not isinstance(document, dict) or not isinstance(document.get("results"), list):
+        raise DataError(f"{path}: not a results document of farcluss bench accuracy (no 'results' list)")
+    return document
+
+
+def _document_label(argument: str) -> Tuple[Path, Optional[str]]:
+    path, separator, label = argument.rpartition("=")
+    if not separator or not label or "/" in label:
+        return Path(argument), None
+    return Path(path), label
+
+
+def merge_results(arguments: Sequence[str]) -> Tuple[List[dict], List[str], List[str], bool, List[dict]]:
+    """Results of several `bench accuracy` documents as one list, for paired statistics across
+    separate invocations (a variant run with ``--set`` beside the plain methods).
+
+    An argument ``PATH=LABEL`` renames every method of that document to ``METHOD@LABEL``. Two
+    runs of one method and seed, documents with other rare classes (another labeled list) or a
+    test split in one and not in the other are refused: their seeds would not pair. Returns the
+    results, the method names in order, the rare classes, whether every run has a test score,
+    and each document's path, label and overrides.
+    """
+    results: List[dict] = []
+    methods: List[str] = []
+    rare_names: Optional[List[str]] = None
+    with_test = True
+    sources = []
+    seen = set()
+    for argument in arguments:
+        path, label = _document_label(argument)
+        document = read_results(path)
+        if rare_names is None:
+            rare_names = list(document.get("rare_classes", []))
+        elif list(document.get("rare_classes", [])) != rare_names:
+            raise DataError(f"{path}: its rare classes ({', '.join(document.get('rare_classes', []))}) "
+                            f"differ from the first document's ({', '.join(rare_names)}): another "
+                            "labeled list, so its seeds do not pair")
+        with_test = with_test and document.get("split") == "test"
+        for result in document["results"]:
+            method = result["method"] if label is None else f"{result['method']}@{label}"
+            key = (method, result["seed"])
+            if key in seen:
+                raise DataError(f"{path}: {method} seed {result['seed']} is in two documents; "
+                                "name one with PATH=LABEL")
+            seen.add(key)
+            results.append({**result, "method": method})
+            if method not in methods:
+                methods.append(method)
+        config = document.get("config", {})
+        sources.append({"path": str(path), "label": label, "overrides": config.get("overrides", [])})
+    return results, methods, rare_names or [], with_test, sources
+
+
+def run_compare(arguments: Sequence[str], reference: str) -> Dict[str, Any]:
+    """The merged document: results, summary and paired differences to `reference` (val, and
+    test when every document has it)."""
+    results, methods, rare_names, with_test, sources = merge_results(arguments)
+    if reference not in methods:
+        raise ConfigError(f"--reference {reference} is not among the documents' methods "
+                          f"({', '.join(methods)})")
+    document: Dict[str, Any] = {
+        "split": "test" if with_test else "val", "results": results,
+        "summary": summarize(results, methods, with_test), "rare_classes": rare_names,
+        "sources": sources, "paired": paired_statistics(results, methods, reference)}
+    if with_test:
+        document["paired_test"] = paired_statistics(results, methods, reference, split="test")
+    return document
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    document = run_compare(args.documents, args.reference)
+    for source in document["sources"]:
+        label = f" as @{source['label']}" if source["label"] else ""
+        overrides = " ".join(source["overrides"]) or "(no overrides)"
+        print(f"{source['path']}{label}: {overrides}")
+    seeds = sorted({r["seed"] for r in document["results"]})
+    split = document["split"]
+    print(format_accuracy_table(document["summary"], document["rare_classes"], seeds, split))
+    print(format_paired_table(document["paired_test" if split == "test" else "paired"]))
+    if split == "test":
+        print(format_paired_table(document["paired"]))
+    if args.json:
+        write_json(Path(args.json), document)
+        print(f"results: {args.json}")
+    return 0
+
+
 def _csv(text: str) -> List[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -687,3 +791,14 @@ def register_command(subparsers) -> None:
                         "(default runs/bench-<config>-<time>)")
     add_overrides_arg(q, "for every run")
     q.set_defaults(func=cmd_accuracy)
+
+    c = bench_sub.add_parser(
+        "compare", help="paired differences across results documents of bench accuracy "
+                        "(e.g. a --set variant run apart from the plain methods)")
+    c.add_argument("documents", nargs="+", metavar="RESULTS[=LABEL]",
+                   help="bench_accuracy.json files; =LABEL renames that document's methods to "
+                        "METHOD@LABEL")
+    c.add_argument("--reference", required=True, metavar="METHOD",
+                   help="the method (or METHOD@LABEL) every other is compared with, seed by seed")
+    c.add_argument("--json", default=None, help="also write the merged document here")
+    c.set_defaults(func=cmd_compare)
