@@ -44,6 +44,13 @@ def test_train_then_eval_json_with_set_keys_only(tmp_path, capsys):
     final_teacher = [r for r in logged if r["type"] == "eval" and r["model"] == "teacher"][-1]
     assert result["miou"] == pytest.approx(final_teacher["miou"])
     assert result["per_class_iou"] == pytest.approx(final_teacher["per_class_iou"])
+    assert result["confused_with"] == final_teacher["confused_with"]
+    # the table names, per class, where its wrong pixels went
+    assert cli.main(["eval", *_sets(overrides), "--checkpoint", str(checkpoint)]) == 0
+    table = capsys.readouterr().out
+    for name, mistake in zip(TINY_CLASSES, result["confused_with"]):
+        if mistake is not None:
+            assert f"{mistake[1]:4.1f} % of its pixels predicted as {mistake[0]}" in table
 
 
 def test_train_reports_the_test_split_and_eval_scores_it_on_request(tmp_path, capsys):

@@ -70,6 +70,15 @@ def test_confusion_matrix_and_metrics_match_hand_computation():
     assert metrics["miou"] == pytest.approx((200 / 3 + 100 / 3 + 50) / 3)
     assert metrics["pixel_accuracy"] == pytest.approx(100 * 4 / 6)
     assert metrics["class_names"] == ["a", "b", "c", "d"]
+    # a's 3 pixels: 1 predicted as b (33 %); b's 2: 1 as c (50 %); c's 1 pixel is right; no d
+    assert metrics["confused_with"] == [["b", pytest.approx(100 / 3)], ["c", 50.0], None, None]
+
+
+def test_confused_with_names_the_class_taking_most_of_the_wrong_pixels():
+    # class 0's 10 pixels: 6 right, 3 as class 2, 1 as class 1
+    confusion = torch.tensor([[6, 1, 3], [0, 4, 0], [2, 0, 0]])
+    metrics = segmentation_metrics(confusion, class_names=["bg", "ball", "moon"])
+    assert metrics["confused_with"] == [["moon", 30.0], None, ["bg", 100.0]]
 
 
 def test_class_predicted_but_absent_from_ground_truth_counts_as_zero_iou():

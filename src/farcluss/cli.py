@@ -80,13 +80,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"split": args.split, "miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
                           "pixel_accuracy": metrics["pixel_accuracy"],
-                          "class_names": metrics.get("class_names")}))
+                          "class_names": metrics.get("class_names"),
+                          "confused_with": metrics.get("confused_with")}))
         return 0
     print(f"{args.split}: mIoU {metrics['miou']:.2f}   pixel accuracy {metrics['pixel_accuracy']:.2f}")
     names = metrics.get("class_names") or [str(i) for i in range(len(metrics["per_class_iou"]))]
     width = max(len(n) for n in names)
-    for name, iou in zip(names, metrics["per_class_iou"]):
-        print(f"  {name:<{width}}  {'  n/a' if iou is None else f'{iou:6.2f}'}")
+    confused = metrics.get("confused_with") or [None] * len(names)
+    for name, iou, mistake in zip(names, metrics["per_class_iou"], confused):
+        # where the class's wrong pixels go: a rare class absorbed by a frequent look-alike
+        where = "" if mistake is None else f"   {mistake[1]:4.1f} % of its pixels predicted as {mistake[0]}"
+        print(f"  {name:<{width}}  {'  n/a' if iou is None else f'{iou:6.2f}'}{where}")
     return 0
 
 

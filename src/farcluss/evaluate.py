@@ -67,7 +67,17 @@ def segmentation_metrics(
 
     A class absent from both ground truth and predictions has no IoU: it is reported as None
     and left out of the mean. With no valid pixel at all, miou and pixel_accuracy are None.
-    Returns {"miou", "per_class_iou", "pixel_accuracy", "class_names"} as plain Python values.
+
+    Where a class's pixels go when they are wrong (``confused_with``, per class): the other class
+    that takes the largest share of its ground-truth pixels,
+
+        j*(c) = argmax_{j≠c} M[c,j],   share = 100 · M[c,j*] / Σ_j M[c,j],
+
+    as ``[name of j*, share]``, or None when the class has no ground-truth pixel or none is
+    wrong. A rare class absorbed by a frequent look-alike shows here before it shows in the mIoU.
+
+    Returns {"miou", "per_class_iou", "pixel_accuracy", "class_names", "confused_with"} as plain
+    Python values.
     """
     if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ValueError(f"confusion matrix must be C×C, got shape {tuple(confusion.shape)}")
@@ -84,11 +94,18 @@ def segmentation_metrics(
     iou = torch.where(present, true_positive / union.clamp_min(1.0), torch.full_like(union, math.nan)) * 100.0
     total = counts.sum()
 
+    off_diagonal = counts - torch.diag(true_positive)
+    confused_with: List[Optional[List[object]]] = []
+    for row, ground_truth in zip(off_diagonal, counts.sum(dim=1)):
+        wrong, other = row.max(dim=0)
+        confused_with.append([class_names[int(other)], float(wrong / ground_truth * 100.0)]
+                             if wrong > 0 else None)
     return {
         "miou": float(iou[present].mean()) if bool(present.any()) else None,
         "per_class_iou": [float(value) if not math.isnan(value) else None for value in iou.tolist()],
         "pixel_accuracy": float(true_positive.sum() / total * 100.0) if total > 0 else None,
         "class_names": list(class_names),
+        "confused_with": confused_with,
     }
 
 

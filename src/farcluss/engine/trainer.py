@@ -329,11 +329,13 @@ class Trainer:
             record = {"type": "eval", "iteration": self.iteration, "model": name,
                       "miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
                       "pixel_accuracy": metrics["pixel_accuracy"],
-                      "class_names": list(self.data.classes)}
+                      "class_names": list(self.data.classes),
+                      "confused_with": metrics.get("confused_with")}
             test = self.test_results.get(name)
             if test is not None:
                 record.update(test_miou=test["miou"], test_per_class_iou=test["per_class_iou"],
-                              test_pixel_accuracy=test["pixel_accuracy"])
+                              test_pixel_accuracy=test["pixel_accuracy"],
+                              test_confused_with=test.get("confused_with"))
             self._log(record)
         return results
 
