@@ -14,6 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
+from farcluss.losses.rebalance import class_counts
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 #: added to prior and mean, so a class neither the labels nor the teacher has seen yet keeps a
@@ -36,11 +38,7 @@ def label_frequency(labels: torch.Tensor, num_classes: int, ignore_index: int = 
     Returns:
         Length-C float32 frequencies summing to 1 (all zeros when no pixel is labeled).
     """
-    valid = labels != ignore_index
-    counts = torch.bincount(labels[valid].reshape(-1), minlength=num_classes)[:num_classes]
-    counts = counts.float()
-    if reduce is not None:
-        counts = reduce(counts)
+    counts = class_counts(labels, labels != ignore_index, num_classes, reduce=reduce)
     return counts / counts.sum().clamp_min(1.0)
 
 
