@@ -293,6 +293,10 @@ class TrainConfig:
     ohem_threshold: float = bounded(0.7, gt=0, le=1)
     #: OHEM keeps at least this many pixels per batch
     ohem_min_kept: int = bounded(200000, ge=0)
+    #: logit adjustment of the supervised loss (Menon et al. 2021): τ in s_c + τ·log π_c, π the running class frequency of the labeled pixels; trains logits for a class-balanced prediction on long-tailed labels; 0 = off
+    logit_adjustment: float = bounded(0.0, ge=0)
+    #: momentum of that running class frequency (per iteration)
+    logit_adjustment_momentum: float = bounded(0.99, ge=0, lt=1)
     #: seed of model init, data order, augmentation
     seed: int = bounded(0, ge=0)
     #: evaluate teacher and student every N iterations (and at the end)

@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from farcluss.losses.align import (align_distribution, alignment_ratio, label_frequency,
+from farcluss.losses.align import (PRIOR_FLOOR, adjust_logits, align_distribution, alignment_ratio, label_frequency,
                                    mean_prediction)
 
 
@@ -56,3 +58,38 @@ def test_mean_prediction_averages_valid_pixels_only():
     def reduce(local):
         return local + (torch.tensor([1.0, 0.0]) if local.numel() == 2 else torch.ones(1))
     assert torch.allclose(mean_prediction(probs, valid, reduce=reduce), torch.tensor([0.6, 0.4]))
+
+
+def test_adjust_logits_adds_tau_log_prior_by_hand():
+    logits = torch.zeros(1, 3, 1, 2)
+    logits[0, 1, 0, 1] = 2.0
+    prior = torch.tensor([0.5, 0.25, 0.25])
+    adjusted = adjust_logits(logits, prior, tau=2.0)
+    # 2·log 0.5 = −1.386294, 2·log 0.25 = −2.772589
+    assert adjusted[0, :, 0, 0].tolist() == pytest.approx([-1.386294, -2.772589, -2.772589], abs=1e-5)
+    assert adjusted[0, 1, 0, 1].item() == pytest.approx(2.0 - 2.772589, abs=1e-5)
+
+
+def test_adjust_logits_is_the_identity_at_tau_zero_and_floors_an_unseen_class():
+    logits = torch.randn(2, 3, 4, 4)
+    assert adjust_logits(logits, torch.tensor([0.9, 0.1, 0.0]), tau=0.0) is logits
+    adjusted = adjust_logits(logits, torch.tensor([0.9, 0.1, 0.0]), tau=1.0)
+    assert torch.isfinite(adjusted).all()
+    offset = (adjusted - logits)[:, 2]
+    assert torch.allclose(offset, torch.full_like(offset, math.log(PRIOR_FLOOR)), atol=1e-5)
+
+
+def test_logit_adjusted_loss_makes_the_balanced_posterior_its_minimiser():
+    # one pixel whose class is 0 with probability 0.8 (its prior): the adjusted loss is
+    # minimised where softmax(s + log π) = π, i.e. at raw logits that are equal (balanced)
+    prior = torch.tensor([0.8, 0.2])
+    logits = torch.zeros(1, 2, 1, 1, requires_grad=True)
+    optimizer = torch.optim.SGD([logits], lr=1.0)
+    for _ in range(200):
+        adjusted = adjust_logits(logits, prior, tau=1.0)
+        log_p = torch.log_softmax(adjusted, dim=1)[0, :, 0, 0]
+        loss = -(prior * log_p).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.softmax(logits.detach(), dim=1)[0, :, 0, 0].tolist() == pytest.approx([0.5, 0.5], abs=1e-3)

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from farcluss.config import load_config
+from farcluss.losses.align import label_frequency
 from farcluss.losses.ce import ohem_cross_entropy
 from farcluss.methods import build_method
 from farcluss.methods.base import Batch
@@ -52,3 +53,34 @@ def test_ohem_is_used_when_configured():
     expected = ohem_cross_entropy(student(batch.images_l)[0], batch.masks_l, threshold=0.7,
                                   min_kept=100)
     assert output.terms["sup"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_logit_adjustment_keeps_a_running_label_prior_and_adjusts_the_loss():
+    torch.manual_seed(0)
+    method = _supervised("train.logit_adjustment=1.0", "train.logit_adjustment_momentum=0.5")
+    student = method.build_student().eval()
+    batch = _batch()
+    first = label_frequency(batch.masks_l, NUM_CLASSES)
+    output = method.losses(batch, student, None, iteration=0)
+    assert torch.allclose(method.label_prior, first)  # the first batch sets it
+    logits = student(batch.images_l)[0]
+    expected = F.cross_entropy(logits + first.log().view(1, -1, 1, 1), batch.masks_l,
+                               ignore_index=255)
+    assert output.terms["sup"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+    other = Batch(images_l=batch.images_l, masks_l=torch.zeros_like(batch.masks_l))
+    method.losses(other, student, None, iteration=1)
+    # m = 0.5: halfway between the first batch's frequencies and all-class-0
+    assert torch.allclose(method.label_prior, 0.5 * first + 0.5 * torch.tensor([1.0, 0.0, 0.0]))
+
+    state = method.global_state()
+    resumed = _supervised("train.logit_adjustment=1.0", "train.logit_adjustment_momentum=0.5")
+    resumed.load_global_state(state)
+    assert torch.equal(resumed.label_prior, method.label_prior)
+
+
+def test_without_logit_adjustment_no_prior_is_kept_or_saved():
+    method = _supervised()
+    student = method.build_student().eval()
+    method.losses(_batch(), student, None, iteration=0)
+    assert method.label_prior is None and method.global_state() == {}

@@ -18,6 +18,10 @@ from farcluss.losses.rebalance import class_counts
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
+#: smallest class frequency logit adjustment takes the log of: a class no labeled pixel has
+#: shown yet gets a large but finite offset
+PRIOR_FLOOR = 1e-4
+
 #: added to prior and mean, so a class neither the labels nor the teacher has seen yet keeps a
 #: finite ratio (≈ 1 when both are ~0)
 ALIGNMENT_EPS = 1e-6
@@ -92,3 +96,30 @@ def align_distribution(probs: torch.Tensor, target_prior: torch.Tensor,
     ratio = alignment_ratio(target_prior, prediction_mean, eps)
     aligned = probs.detach().float() * ratio.to(probs.device).view(1, -1, 1, 1)
     return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(torch.finfo(aligned.dtype).tiny)
+
+
+def adjust_logits(logits: torch.Tensor, class_prior: torch.Tensor, tau: float,
+                  floor: float = PRIOR_FLOOR) -> torch.Tensor:
+    """Logit adjustment of a training loss (Menon et al. 2021, "Long-tail learning via logit
+    adjustment"), read for pixels:
+
+        s'_c(x) = s_c(x) + τ · log max(π_c, floor)
+
+    The cross-entropy of s' on labels of prior π is minimised by raw logits s whose softmax
+    estimates the class-balanced posterior p(y | x) / π_y (at τ = 1): a frequent class no
+    longer wins a pixel only for being frequent. Only the loss sees s'; prediction, the
+    teacher's pseudo-labels and evaluation use the raw s.
+
+    Args:
+        logits: B×C×H×W scores.
+        class_prior: length-C class frequencies π (e.g. a running `label_frequency`).
+        tau: τ ≥ 0; 0 returns ``logits`` unchanged.
+        floor: π is clamped from below before the log.
+
+    Returns:
+        B×C×H×W float32 adjusted scores.
+    """
+    if tau == 0:
+        return logits
+    offset = tau * torch.log(class_prior.float().clamp_min(floor))
+    return logits.float() + offset.to(logits.device).view(1, -1, 1, 1)

@@ -16,8 +16,8 @@ from farcluss.augment import (CUTMIX_DRAWS, STRONG_AUGMENT_DRAWS, StrongAugment,
                                per_sample_uniform)
 from farcluss.config import Config, resolved_skeleton
 from farcluss.engine.ema import copy_into_teacher, ema_momentum, make_teacher, update_teacher
-from farcluss.losses.align import (align_distribution, alignment_ratio, label_frequency,
-                                   mean_prediction)
+from farcluss.losses.align import (adjust_logits, align_distribution, alignment_ratio,
+                                   label_frequency, mean_prediction)
 from farcluss.losses.ce import cross_entropy, ohem_cross_entropy
 from farcluss.losses.rebalance import ema_counts
 from farcluss.methods.perturbation import ComplementaryDropout, DropoutCopy
@@ -108,6 +108,10 @@ class Method:
         self.ignore_index = cfg.data.ignore_index
         self.reduce = reduce
         self.world_size = world_size
+        #: running class frequency of the labeled pixels for logit adjustment
+        #: (``train.logit_adjustment``); None until the first step. Global over ranks (every rank
+        #: holds the same values) and saved in checkpoints.
+        self.label_prior: Optional[Tensor] = None
 
     # ---- model ------------------------------------------------------------------------------
     def projection_dim(self) -> int:
@@ -162,14 +166,28 @@ class Method:
 
     def global_state(self) -> dict:
         """State every rank shares, stored at the top level of last.pt."""
-        return {}
+        if self.label_prior is None:
+            return {}
+        return {"label_prior": self.label_prior.detach().cpu()}
 
     def load_global_state(self, checkpoint: dict) -> None:
-        pass
+        if checkpoint.get("label_prior") is not None:
+            self.label_prior = checkpoint["label_prior"].clone()
 
     # ---- losses -------------------------------------------------------------------------------
     def supervised_loss(self, logits_l: Tensor, masks_l: Tensor) -> Tensor:
+        """The labeled batch's loss; every method calls it once per step (with logit
+        adjustment on, that call also updates the running label prior)."""
         t = self.cfg.train
+        if t.logit_adjustment > 0:
+            with torch.no_grad():
+                batch_prior = label_frequency(masks_l, self.num_classes, self.ignore_index,
+                                              reduce=self.reduce)
+                previous = None if self.label_prior is None \
+                    else self.label_prior.to(batch_prior.device)
+                self.label_prior = ema_counts(previous, batch_prior,
+                                              t.logit_adjustment_momentum)
+            logits_l = adjust_logits(logits_l, self.label_prior, t.logit_adjustment)
         if t.loss == "ohem":
             return ohem_cross_entropy(logits_l, masks_l, ignore_index=self.ignore_index,
                                       threshold=t.ohem_threshold, min_kept=t.ohem_min_kept)
@@ -283,13 +301,14 @@ class MeanTeacherMethod(Method):
             self.generator.set_state(state["generator"])
 
     def global_state(self) -> dict:
-        state: dict = {"ema_steps": self.ema_steps}
+        state: dict = {**super().global_state(), "ema_steps": self.ema_steps}
         if self.alignment_prior is not None and self.alignment_mean is not None:
             state["alignment"] = {"prior": self.alignment_prior.detach().cpu(),
                                   "mean": self.alignment_mean.detach().cpu()}
         return state
 
     def load_global_state(self, checkpoint: dict) -> None:
+        super().load_global_state(checkpoint)
         self.ema_steps = int(checkpoint.get("ema_steps", 0))
         alignment = checkpoint.get("alignment")
         if alignment is not None:
