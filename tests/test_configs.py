@@ -33,11 +33,16 @@ ABLATIONS = {
     "fixmatch_equivalent": {"top_k": 1, "weighting": "none", "rebalance": "off",
                             "contrastive": "off", "threshold": 0.95},
 }
+# the ablations that switch a train key instead (the labeled loss every method shares)
+TRAIN_ABLATIONS = {
+    "logit_adjustment": {"logit_adjustment": 1.0, "logit_adjustment_momentum": 0.99},
+}
 
 
 def test_configs_are_found():
     assert CONFIGS / "benchmark.yaml" in ALL_CONFIGS
-    assert {p.stem for p in (CONFIGS / "ablation").glob("*.yaml")} == set(ABLATIONS)
+    assert {p.stem for p in (CONFIGS / "ablation").glob("*.yaml")} == \
+        set(ABLATIONS) | set(TRAIN_ABLATIONS)
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -51,6 +56,14 @@ def test_each_ablation_changes_only_its_switch(name):
     benchmark = load_config(CONFIGS / "benchmark.yaml").to_dict()
     ablation = load_config(CONFIGS / "ablation" / f"{name}.yaml").to_dict()
     expected = {**benchmark, "method": {**benchmark["method"], **ABLATIONS[name]}}
+    assert ablation == expected
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_ABLATIONS))
+def test_each_train_ablation_changes_only_its_switch(name):
+    benchmark = load_config(CONFIGS / "benchmark.yaml").to_dict()
+    ablation = load_config(CONFIGS / "ablation" / f"{name}.yaml").to_dict()
+    expected = {**benchmark, "train": {**benchmark["train"], **TRAIN_ABLATIONS[name]}}
     assert ablation == expected
 
 
