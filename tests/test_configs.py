@@ -51,19 +51,13 @@ def test_every_config_loads_and_validates(path):
     assert cfg.train.iterations > 0
 
 
-@pytest.mark.parametrize("name", sorted(ABLATIONS))
+@pytest.mark.parametrize("name", sorted(ABLATIONS) + sorted(TRAIN_ABLATIONS))
 def test_each_ablation_changes_only_its_switch(name):
+    section, switch = (("method", ABLATIONS[name]) if name in ABLATIONS
+                       else ("train", TRAIN_ABLATIONS[name]))
     benchmark = load_config(CONFIGS / "benchmark.yaml").to_dict()
     ablation = load_config(CONFIGS / "ablation" / f"{name}.yaml").to_dict()
-    expected = {**benchmark, "method": {**benchmark["method"], **ABLATIONS[name]}}
-    assert ablation == expected
-
-
-@pytest.mark.parametrize("name", sorted(TRAIN_ABLATIONS))
-def test_each_train_ablation_changes_only_its_switch(name):
-    benchmark = load_config(CONFIGS / "benchmark.yaml").to_dict()
-    ablation = load_config(CONFIGS / "ablation" / f"{name}.yaml").to_dict()
-    expected = {**benchmark, "train": {**benchmark["train"], **TRAIN_ABLATIONS[name]}}
+    expected = {**benchmark, section: {**benchmark[section], **switch}}
     assert ablation == expected
 
 
