@@ -109,6 +109,7 @@ def test_builtin_pretrained_is_made_once_in_the_cache_and_hash_checked(tmp_path,
 
     def quick(*args, **kwargs):
         calls.append(kwargs)
+        kwargs.pop("train", None)
         return real(*args, train=TINY_TRAIN, task_settings=TINY_TASK, **kwargs)
 
     monkeypatch.setattr(pt, "pretrain", quick)
@@ -138,6 +139,37 @@ def test_builtin_pretrained_is_made_once_in_the_cache_and_hash_checked(tmp_path,
     pinned = ModelConfig(backbone="resnet18", base_width=8, pretrained=pt.BUILTIN_PRETRAINED,
                          pretrained_sha256="abc123")
     assert pt.resolve_pretrained(pinned) == (source, "abc123")
+
+
+def test_builtin_pretrained_at_n_is_its_own_file_made_with_n_iterations(tmp_path, monkeypatch):
+    monkeypatch.setenv("FARCLUSS_CACHE", str(tmp_path))
+    real = pt.pretrain
+    schedules = []
+
+    def quick(*args, train, **kwargs):
+        schedules.append(train.iterations)
+        return real(*args, train=TINY_TRAIN, task_settings=TINY_TASK, **kwargs)
+
+    monkeypatch.setattr(pt, "pretrain", quick)
+    longer = ModelConfig(backbone="resnet18", base_width=8, pretrained="builtin:pretrained@9000")
+    source, _ = pt.resolve_pretrained(longer)
+    assert Path(source).name == f"pretrained-resnet18-w8-v{pt.RECIPE_VERSION}-seed0-it9000.pt"
+    default = ModelConfig(backbone="resnet18", base_width=8, pretrained=pt.BUILTIN_PRETRAINED)
+    assert Path(pt.resolve_pretrained(default)[0]).name == \
+        f"pretrained-resnet18-w8-v{pt.RECIPE_VERSION}-seed0.pt"
+    assert schedules == [9000, pt.DEFAULT_ITERATIONS]
+    # the default schedule written out is the bare name: one file for one schedule
+    assert pt.builtin_iterations(f"builtin:pretrained@{pt.DEFAULT_ITERATIONS}") == \
+        pt.DEFAULT_ITERATIONS
+    assert pt.builtin_iterations("resnet50") is None and pt.builtin_iterations(None) is None
+
+
+@pytest.mark.parametrize("value", ["builtin:pretrained@", "builtin:pretrained@0",
+                                   "builtin:pretrained@nine", "builtin:pretrainedx"])
+def test_a_malformed_builtin_name_is_one_line_naming_the_key(value):
+    with pytest.raises(ConfigError, match="model.pretrained") as error:
+        pt.resolve_pretrained(ModelConfig(backbone="resnet18", base_width=8, pretrained=value))
+    assert "\n" not in str(error.value) and "@N" in str(error.value)
 
 
 def test_builtin_pretrained_refuses_models_it_was_not_made_for_and_passes_others_through(
@@ -267,8 +299,8 @@ def test_trainer_loads_builtin_pretrained_and_refuses_a_tampered_file(tiny_datas
                                                                      monkeypatch, capsys):
     monkeypatch.setenv("FARCLUSS_CACHE", str(tmp_path / "cache"))
     real = pt.pretrain
-    monkeypatch.setattr(pt, "pretrain", lambda *a, **k: real(*a, train=TINY_TRAIN,
-                                                              task_settings=TINY_TASK, **k))
+    monkeypatch.setattr(pt, "pretrain", lambda *a, train=None, **k: real(
+        *a, train=TINY_TRAIN, task_settings=TINY_TASK, **k))
     overrides = tiny_overrides(tiny_dataset, "supervised", iterations=1) + [
         "model.pretrained=builtin:pretrained"]
     trainer = Trainer(load_config(None, overrides), tmp_path / "run")

@@ -305,11 +305,28 @@ class Classifier(nn.Module):
 
 
 def default_pretrained_path(backbone: str = DEFAULT_BACKBONE, base_width: int = DEFAULT_BASE_WIDTH,
-                            seed: int = DEFAULT_SEED) -> Path:
-    """``<cache>/pretrained-<backbone>-w<width>-v<version>-seed<seed>.pt``; the cache folder is
-    the built-in benchmark's (``$FARCLUSS_CACHE``, else ``~/.cache/farcluss``)."""
+                            seed: int = DEFAULT_SEED,
+                            iterations: int = DEFAULT_ITERATIONS) -> Path:
+    """``<cache>/pretrained-<backbone>-w<width>-v<version>-seed<seed>.pt``, with ``-it<N>``
+    before ``.pt`` for a schedule other than the default; the cache folder is the built-in
+    benchmark's (``$FARCLUSS_CACHE``, else ``~/.cache/farcluss``)."""
     cache = cache_dir()
-    return cache / f"pretrained-{backbone}-w{base_width}-v{RECIPE_VERSION}-seed{seed}.pt"
+    schedule = "" if iterations == DEFAULT_ITERATIONS else f"-it{iterations}"
+    return cache / f"pretrained-{backbone}-w{base_width}-v{RECIPE_VERSION}-seed{seed}{schedule}.pt"
+
+
+def builtin_iterations(value: Optional[str]) -> Optional[int]:
+    """The pretraining schedule a ``model.pretrained`` value names: ``builtin:pretrained`` →
+    the default, ``builtin:pretrained@N`` → N iterations; None for any other value."""
+    if value is None or not value.startswith(BUILTIN_PRETRAINED):
+        return None
+    rest = value[len(BUILTIN_PRETRAINED):]
+    if rest == "":
+        return DEFAULT_ITERATIONS
+    if rest.startswith("@") and rest[1:].isdigit() and int(rest[1:]) > 0:
+        return int(rest[1:])
+    raise ConfigError(f"config key 'model.pretrained': {value!r} is not {BUILTIN_PRETRAINED} "
+                      f"or {BUILTIN_PRETRAINED}@N (N pretraining iterations, e.g. @9000)")
 
 
 def sidecar_path(path: Path) -> Path:
@@ -436,11 +453,13 @@ def resolve_pretrained(model: ModelConfig, device: str = "cpu"
                        ) -> Tuple[Optional[str], Optional[str]]:
     """``model.pretrained`` and ``model.pretrained_sha256`` as the loader takes them.
 
-    ``builtin:pretrained`` becomes the cached file of :func:`pretrain` for the configured ResNet
-    and base width (made on first use, with a log line) and its recorded sha256, unless
-    ``model.pretrained_sha256`` pins another. Any other value passes through unchanged.
+    ``builtin:pretrained`` (``@N``: N iterations instead of the default) becomes the cached file
+    of :func:`pretrain` for the configured ResNet and base width (made on first use, with a log
+    line) and its recorded sha256, unless ``model.pretrained_sha256`` pins another. Any other
+    value passes through unchanged.
     """
-    if model.pretrained != BUILTIN_PRETRAINED:
+    iterations = builtin_iterations(model.pretrained)
+    if iterations is None:
         return model.pretrained, model.pretrained_sha256
     if model.backbone not in BACKBONE_DEPTHS or model.deep_stem:
         raise ConfigError(f"config key 'model.pretrained' is {BUILTIN_PRETRAINED}, which is made "
@@ -449,13 +468,13 @@ def resolve_pretrained(model: ModelConfig, device: str = "cpu"
     if model.stem_width not in (None, model.base_width):
         raise ConfigError(f"config key 'model.pretrained' is {BUILTIN_PRETRAINED}, whose stem "
                           f"width is the base width; unset model.stem_width")
-    path = default_pretrained_path(model.backbone, model.base_width)
+    path = default_pretrained_path(model.backbone, model.base_width, iterations=iterations)
     record = read_sidecar(path) if path.is_file() else None
     if record is None:
-        logger.info("making the built-in pretrained %s (width %d) in %s (once; about %d "
-                    "iterations)", model.backbone, model.base_width, path, DEFAULT_ITERATIONS)
+        logger.info("making the built-in pretrained %s (width %d) in %s (once; %d iterations)",
+                    model.backbone, model.base_width, path, iterations)
         record = pretrain(path, backbone=model.backbone, base_width=model.base_width,
-                          device=device)
+                          device=device, train=replace(TrainSettings(), iterations=iterations))
     return str(path), model.pretrained_sha256 or record["sha256"]
 
 
@@ -464,8 +483,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     train = TrainSettings(iterations=args.iterations)
     if args.batch_size is not None:
         train = replace(train, batch_size=args.batch_size)
-    out = Path(args.out) if args.out else default_pretrained_path(args.backbone, args.base_width,
-                                                                  args.seed)
+    out = Path(args.out) if args.out else default_pretrained_path(
+        args.backbone, args.base_width, args.seed, args.iterations)
     record = pretrain(out, backbone=args.backbone, base_width=args.base_width, seed=args.seed,
                       threads=args.threads, device=args.device, train=train)
     print(f"train accuracy {record['train_accuracy']:.1f} %  held-out accuracy "
@@ -479,7 +498,8 @@ def register_command(subparsers) -> None:
                                                "classification task (builtin:pretrained)")
     p.add_argument("--out", default=None,
                    help="weights file (default <cache>/pretrained-<backbone>-w<width>-v"
-                        f"{RECIPE_VERSION}-seed<seed>.pt, what builtin:pretrained reads for seed 0)")
+                        f"{RECIPE_VERSION}-seed<seed>[-it<N>].pt, what builtin:pretrained[@N] "
+                        "reads for seed 0)")
     p.add_argument("--iterations", type=positive_int, default=DEFAULT_ITERATIONS,
                    help=f"training iterations (default {DEFAULT_ITERATIONS})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the initialisation "
