@@ -74,9 +74,11 @@ def test_file_strict_loads_into_the_recipe_model(tmp_path, recipe):
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, saved[key]), key
     if recipe == "own_data_cpu.yaml":  # the CPU recipe names the built-in file for its model
-        assert cfg.model.pretrained == pt.BUILTIN_PRETRAINED
-        assert pt.default_pretrained_path(cfg.model.backbone, cfg.model.base_width).name == \
-            f"pretrained-resnet18-w32-v{pt.RECIPE_VERSION}-seed0.pt"
+        iterations = pt.builtin_iterations(cfg.model.pretrained)
+        assert iterations == 9000
+        assert pt.default_pretrained_path(cfg.model.backbone, cfg.model.base_width,
+                                          iterations=iterations).name == \
+            f"pretrained-resnet18-w32-v{pt.RECIPE_VERSION}-seed0-it9000.pt"
 
 
 def test_corrupt_mismatched_or_wrong_width_files_give_the_loaders_one_line_error(tmp_path):

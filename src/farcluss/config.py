@@ -150,7 +150,7 @@ class ModelConfig:
     stem_width: Optional[int] = None
     #: DeepLabV3+ width: channels of the ASPP output and the stride-4 decoder (256 as published); its 3x3 convs at stride 4 cost with the square of it and dominate a small encoder's step (ResNet-18 w32 at 96 px: 64 channels make a step ~3x cheaper)
     decoder_channels: int = bounded(256, ge=8)
-    #: registry name, local file or URL of ImageNet backbone weights; builtin:pretrained = the project's own ResNet encoder (`farcluss pretrain`, made once under ~/.cache/farcluss, sha256-checked); None = random init
+    #: registry name, local file or URL of ImageNet backbone weights; builtin:pretrained = the project's own ResNet encoder (`farcluss pretrain`, made once under ~/.cache/farcluss, sha256-checked), builtin:pretrained@N = the same pretrained for N iterations instead of 3,000; None = random init
     pretrained: Optional[str] = None
     #: expected sha256 (or prefix) of the pretrained file
     pretrained_sha256: Optional[str] = None
