@@ -94,7 +94,8 @@ def ema_counts(
         n̄_c ← m · n̄_c + (1 − m) · n_c,   n̄ = n on the first call (previous is None)
 
     Args:
-        previous: the running counts, or None before the first batch.
+        previous: the running counts, or None before the first batch; on any device (a value
+            restored from a checkpoint is on the CPU), moved to ``counts``' device.
         counts: this batch's (global) counts.
         momentum: m in [0, 1).
 
@@ -104,4 +105,4 @@ def ema_counts(
     counts = counts.detach().float()
     if previous is None:
         return counts.clone()
-    return momentum * previous.float() + (1.0 - momentum) * counts
+    return momentum * previous.to(counts.device).float() + (1.0 - momentum) * counts

@@ -183,9 +183,7 @@ class Method:
             with torch.no_grad():
                 batch_prior = label_frequency(masks_l, self.num_classes, self.ignore_index,
                                               reduce=self.reduce)
-                previous = None if self.label_prior is None \
-                    else self.label_prior.to(batch_prior.device)
-                self.label_prior = ema_counts(previous, batch_prior,
+                self.label_prior = ema_counts(self.label_prior, batch_prior,
                                               t.logit_adjustment_momentum)
             logits_l = adjust_logits(logits_l, self.label_prior, t.logit_adjustment)
         if t.loss == "ohem":
@@ -366,12 +364,8 @@ class MeanTeacherMethod(Method):
         batch_prior = label_frequency(masks_l, self.num_classes, self.ignore_index,
                                       reduce=self.reduce)
         batch_mean = mean_prediction(teacher_probs, valid_mask, reduce=self.reduce)
-        previous_prior = None if self.alignment_prior is None \
-            else self.alignment_prior.to(batch_prior.device)
-        previous_mean = None if self.alignment_mean is None \
-            else self.alignment_mean.to(batch_mean.device)
-        self.alignment_prior = ema_counts(previous_prior, batch_prior, momentum)
-        self.alignment_mean = ema_counts(previous_mean, batch_mean, momentum)
+        self.alignment_prior = ema_counts(self.alignment_prior, batch_prior, momentum)
+        self.alignment_mean = ema_counts(self.alignment_mean, batch_mean, momentum)
         ratio = alignment_ratio(self.alignment_prior, self.alignment_mean)
         # how hard alignment pushes: the largest and smallest factor on a class's probability
         self._alignment_stats = {"alignment_ratio_min": ratio.min(),
